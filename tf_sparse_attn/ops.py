@@ -1,0 +1,175 @@
+"""The block-sparse attention op: Python wrapper, registered gradient, and the lse merge.
+
+>>> import tensorflow as tf
+>>> from tf_sparse_attn import BlockLayout, sparse_attention
+>>> q, k, v = (tf.random.normal([2, 200, 4, 32]) for _ in range(3))
+>>> layout = BlockLayout.fixed(seq_len=256, block_size=32, stride=64, summary=32)
+>>> out, lse = sparse_attention(q, k, v, layout, return_lse=True)
+>>> out.shape, lse.shape
+(TensorShape([2, 200, 4, 32]), TensorShape([2, 4, 200]))
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from tf_sparse_attn._load import load_op_library
+from tf_sparse_attn.layouts import BlockLayout
+
+__all__ = ["sparse_attention", "merge_attention", "reorder_tokens", "restore_token_order"]
+
+
+def _attrs(layout: BlockLayout, scale: float, causal: bool) -> dict:
+    return dict(block_size=layout.block_size, scale=float(scale), causal=bool(causal),
+                window=layout.window, min_distance=layout.min_distance)
+
+
+def _layout_tensors(layout: BlockLayout):
+    return (tf.constant(layout.row_offsets), tf.constant(layout.col_indices),
+            tf.constant(layout.block_flags))
+
+
+def reorder_tokens(x: tf.Tensor, layout: BlockLayout, axis: int = 1) -> tf.Tensor:
+    """Puts a padded sequence (length layout.seq_len along `axis`) into the layout's token
+    order: token t goes to (t mod l) * (T / l) + t // l. A no-op for natural-order layouts."""
+    if not layout.reorder_stride:
+        return x
+    inverse = np.argsort(layout.token_permutation()).astype(np.int32)
+    return tf.gather(x, inverse, axis=axis)
+
+
+def restore_token_order(x: tf.Tensor, layout: BlockLayout, axis: int = 1) -> tf.Tensor:
+    """Inverse of `reorder_tokens`."""
+    if not layout.reorder_stride:
+        return x
+    return tf.gather(x, layout.token_permutation().astype(np.int32), axis=axis)
+
+
+def sparse_attention(q, k, v, layout: BlockLayout, causal: bool = True, scale: float | None = None,
+                     return_lse: bool = False, key_mask=None):
+    """Block-sparse attention, fused: softmax(scale * q k^T) v over the pairs `layout` allows.
+
+    Args:
+      q: [batch, time, heads, head_dim] float16, bfloat16 or float32.
+      k: [batch, time, heads, head_dim], same dtype.
+      v: [batch, time, heads, value_dim], same dtype.
+      layout: a `BlockLayout` with seq_len >= time; time is padded up to it and cropped back.
+      causal: key j <= query i only. A causal layout cannot be used with causal=False.
+      scale: score scale, 1/sqrt(head_dim) by default.
+      return_lse: also return the float32 log-sum-exp of each query's scores,
+        [batch, heads, time] (-inf for a query that attends to nothing).
+      key_mask: optional boolean [batch, time]; False keys are not attended.
+
+    Returns:
+      out [batch, time, heads, value_dim] in q's dtype, and lse if return_lse.
+      A query that attends to no key gets zeros.
+    """
+    q, k, v = (tf.convert_to_tensor(t) for t in (q, k, v))
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.shape.rank is not None and tensor.shape.rank != 4:
+            raise ValueError(f"{name} must be [batch, time, heads, head_dim], got shape {tensor.shape}")
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    if layout.causal and not causal:
+        raise ValueError(f"{layout} was built for causal attention and lacks the blocks a "
+                         "bidirectional call needs; build it with causal=False")
+    length = q.shape[1]
+    if length is not None and length > layout.seq_len:
+        raise ValueError(f"sequence length {length} exceeds the layout's seq_len {layout.seq_len}")
+    if k.shape[1] is not None and length is not None and k.shape[1] != length:
+        raise ValueError(f"q has {length} positions but k has {k.shape[1]}: block layouts are "
+                         "square (self-attention over one sequence)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+
+    time = tf.shape(q)[1]
+    padded = layout.seq_len
+    pad = padded - time
+    paddings = [[0, 0], [0, pad], [0, 0], [0, 0]]
+    q_p, k_p, v_p = (tf.pad(t, paddings) for t in (q, k, v))
+
+    # Padded keys sit after every real query, so causality already hides them; without
+    # causality (or with a user mask) they are masked through the key bias.
+    need_bias = key_mask is not None or (not causal and length != padded)
+    if need_bias:
+        valid = tf.sequence_mask(tf.fill([tf.shape(q)[0]], time), padded)
+        if key_mask is not None:
+            valid &= tf.pad(tf.cast(key_mask, tf.bool), [[0, 0], [0, pad]])
+        key_bias = tf.where(valid, 0.0, float("-inf"))
+        key_bias = reorder_tokens(key_bias, layout, axis=1)
+    else:
+        key_bias = tf.zeros([0], tf.float32)
+
+    q_p, k_p, v_p = (reorder_tokens(t, layout) for t in (q_p, k_p, v_p))
+    out, lse = load_op_library().block_sparse_attention(
+        q_p, k_p, v_p, key_bias, *_layout_tensors(layout), **_attrs(layout, scale, causal))
+    out = restore_token_order(out, layout)[:, :time]
+    if not return_lse:
+        return out
+    return out, restore_token_order(lse, layout, axis=2)[:, :, :time]
+
+
+def _transpose_layout(row_offsets, col_indices, block_flags, num_q_blocks, num_kv_blocks):
+    """CSC (col_offsets, row_indices, csc_flags) of a CSR layout, in graph ops, so that the
+    gradient works for any layout tensor, constant or not."""
+    layout_heads = (tf.size(row_offsets) - 1) // num_q_blocks
+    counts = row_offsets[1:] - row_offsets[:-1]
+    row_id = tf.repeat(tf.range(layout_heads * num_q_blocks), counts)
+    query_block = row_id % num_q_blocks
+    key_id = (row_id // num_q_blocks) * num_kv_blocks + col_indices
+    order = tf.argsort(tf.cast(key_id, tf.int64) * tf.cast(num_q_blocks, tf.int64)
+                       + tf.cast(query_block, tf.int64), stable=True)
+    columns = layout_heads * num_kv_blocks
+    col_offsets = tf.concat([[0], tf.cumsum(tf.math.bincount(
+        key_id, minlength=columns, maxlength=columns, dtype=tf.int32))], axis=0)
+    return col_offsets, tf.gather(query_block, order), tf.gather(block_flags, order)
+
+
+@tf.RegisterGradient("BlockSparseAttention")
+def _block_sparse_attention_grad(op, d_out, d_lse):
+    q, k, v, key_bias, row_offsets, col_indices, block_flags = op.inputs
+    out, lse = op.outputs
+    block_size = op.get_attr("block_size")
+    if d_out is None:
+        d_out = tf.zeros_like(out)
+    if d_lse is None:
+        d_lse = tf.zeros_like(lse)
+    csc = _transpose_layout(row_offsets, col_indices, block_flags,
+                            tf.shape(q)[1] // block_size, tf.shape(k)[1] // block_size)
+    dq, dk, dv = load_op_library().block_sparse_attention_grad(
+        q, k, v, key_bias, row_offsets, col_indices, block_flags, out, lse, d_out, d_lse, *csc,
+        block_size=block_size, scale=op.get_attr("scale"), causal=op.get_attr("causal"),
+        window=op.get_attr("window"), min_distance=op.get_attr("min_distance"))
+    return dq, dk, dv, None, None, None, None
+
+
+def merge_attention(out1, lse1, out2, lse2):
+    """Combines two attention passes over disjoint key sets into one softmax over their union:
+    out = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2). Differentiable in all four inputs (the
+    lse gradients flow back into each pass). out: [batch, time, heads, dim]; lse:
+    [batch, heads, time]. Returns (out, lse).
+
+    >>> import tensorflow as tf
+    >>> o, l = merge_attention(tf.ones([1, 2, 1, 3]), tf.constant([[[0.0, float("-inf")]]]),
+    ...                        tf.zeros([1, 2, 1, 3]), tf.constant([[[0.0, float("-inf")]]]))
+    >>> o[0, :, 0, 0].numpy().tolist(), l.numpy().tolist()
+    ([0.5, 0.0], [[[0.6931471824645996, -inf]]])
+    """
+    dtype = out1.dtype
+    lse1, lse2 = tf.cast(lse1, tf.float32), tf.cast(lse2, tf.float32)
+    peak = tf.maximum(lse1, lse2)
+    peak = tf.where(tf.math.is_finite(peak), peak, tf.zeros_like(peak))
+    w1, w2 = tf.exp(lse1 - peak), tf.exp(lse2 - peak)
+    total = w1 + w2
+    nonzero = total > 0
+    safe_total = tf.where(nonzero, total, tf.ones_like(total))
+    lse = tf.where(nonzero, peak + tf.math.log(safe_total), tf.fill(tf.shape(total), -np.inf))
+
+    def per_token(weight):  # [b, h, t] -> [b, t, h, 1]
+        return tf.transpose(weight / safe_total, [0, 2, 1])[..., None]
+
+    out = (per_token(w1) * tf.cast(out1, tf.float32) + per_token(w2) * tf.cast(out2, tf.float32))
+    return tf.cast(out, dtype), lse
