@@ -40,6 +40,17 @@ def _find_nvcc():
     return None
 
 
+def _cudart_dir(cuda_home):
+    """The folder holding libcudart_static.a: nvcc may be a wrapper script outside the toolkit,
+    and toolkits put the library in lib64, lib or targets/<arch>/lib."""
+    homes = [cuda_home, os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    for home in filter(None, homes):
+        for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+            if os.path.exists(os.path.join(home, sub, "libcudart_static.a")):
+                return os.path.join(home, sub)
+    return os.path.join(cuda_home, "lib64")
+
+
 def _run(cmd):
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -96,7 +107,7 @@ class BuildOpLibrary(build_ext):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         link = [cxx, "-shared", "-o", target, *[obj for _, obj in jobs], *link_flags]
         if nvcc:
-            link += [f"-L{os.path.join(cuda_home, 'lib64')}", "-lcudart_static", "-ldl", "-lrt",
+            link += [f"-L{_cudart_dir(cuda_home)}", "-lcudart_static", "-ldl", "-lrt",
                      "-lpthread"]
         _run(link)
         print(f"tf_sparse_attn: built {target}", flush=True)

@@ -1,0 +1,321 @@
+"""GPU benchmark of the block-sparse attention op, with PyTorch FlexAttention and SDPA beside it.
+
+    python bench/bench_gpu.py [--quick] [--no-torch] [--write]
+
+bf16, batch 2, 8 heads, head_dim 64 and 128, T = 4096, 16384, 65536; patterns dense causal,
+local (w=128), strided (l=128, in the reordered token order, so the reorder copy is not timed)
+and fixed (l=128, c=32). Times are medians over several input sets rotated between calls (so
+repeated calls do not run out of L2), after warm-up, of graph-mode calls (tf.function) so that
+eager dispatch stays out of the numbers. Useful TFLOP/s counts only the attended pairs: 4*d
+FLOPs per pair forward, 14*d forward+backward.
+
+When torch imports, a subprocess (TensorFlow and PyTorch do not share one process here, each
+wanting the GPU memory) times FlexAttention on the same token mask, and SDPA's flash and cuDNN
+backends for dense causal. --write replaces the "GPU kernels" section of bench/RESULTS.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH, HEADS = 2, 8
+STRIDE, SUMMARY, WINDOW = 128, 32, 128
+# Block sizes: fixed needs <= 32 to be exact at c = 32; strided needs (T / l) % bs == 0.
+BLOCK = {"dense": 64, "local": 64, "strided": 32, "fixed": 32}
+
+
+def configs(quick):
+    lengths = [4096, 16384] if quick else [4096, 16384, 65536]
+    for dim in (64, 128):
+        for length in lengths:
+            for pattern in ("dense", "local", "strided", "fixed"):
+                yield dim, length, pattern
+
+
+def token_mask_pairs(pattern, length):
+    """Attended (query, key) pairs of one head."""
+    sys.path.insert(0, ROOT)
+    from tf_sparse_attn.layouts import attended_pairs  # pylint: disable=import-outside-toplevel
+    return attended_pairs(build_layout(pattern, length))
+
+
+def build_layout(pattern, length):
+    sys.path.insert(0, ROOT)
+    from tf_sparse_attn.layouts import BlockLayout  # pylint: disable=import-outside-toplevel
+    bs = BLOCK[pattern]
+    if pattern == "dense":
+        return BlockLayout.dense(length, bs)
+    if pattern == "local":
+        return BlockLayout.local(length, bs, WINDOW)
+    if pattern == "strided":
+        return BlockLayout.strided(length, bs, STRIDE)
+    return BlockLayout.fixed(length, bs, STRIDE, SUMMARY)
+
+
+def median_ms(fn, sync, budget_s=0.4, min_reps=3, max_reps=30):
+    fn()
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    once = time.perf_counter() - start
+    reps = int(min(max_reps, max(min_reps, budget_s / max(once, 1e-6))))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+# ------------------------------------------------------------------------------------- ours
+
+def bench_ours(quick):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    sys.path.insert(0, ROOT)
+    from tf_sparse_attn._load import load_op_library  # pylint: disable=import-outside-toplevel
+    lib = load_op_library()
+    rows = []
+    for dim, length, pattern in configs(quick):
+        layout = build_layout(pattern, length)
+        pairs = BATCH * HEADS * token_mask_pairs(pattern, length)
+        attrs = dict(block_size=layout.block_size, scale=dim ** -0.5, causal=True,
+                     window=layout.window, min_distance=layout.min_distance)
+        row = dict(dim=dim, T=length, pattern=pattern, block=layout.block_size, pairs=pairs)
+        try:
+            with tf.device("/GPU:0"):
+                tf.config.experimental.reset_memory_stats("GPU:0")
+                sets = 2 if length >= 65536 else 3
+                shape = [BATCH, length, HEADS, dim]
+                inputs = [[tf.cast(tf.random.normal(shape), tf.bfloat16) for _ in range(4)]
+                          for _ in range(sets)]
+                bias = tf.zeros([0], tf.float32)
+                ro, ci, bf = (tf.constant(a) for a in (layout.row_offsets, layout.col_indices,
+                                                      layout.block_flags))
+                csc = transpose(layout)
+                co, ri, cf = (tf.constant(a) for a in csc)
+                d_lse = tf.zeros([BATCH, HEADS, length], tf.float32)
+
+                @tf.function
+                def fwd(q, k, v):
+                    return lib.block_sparse_attention(q, k, v, bias, ro, ci, bf, **attrs)[0]
+
+                @tf.function
+                def fwd_bwd(q, k, v, d_out):
+                    out, lse = lib.block_sparse_attention(q, k, v, bias, ro, ci, bf, **attrs)
+                    return lib.block_sparse_attention_grad(q, k, v, bias, ro, ci, bf, out, lse,
+                                                           d_out, d_lse, co, ri, cf, **attrs)
+
+                state = {"i": 0, "last": None}
+
+                def call(fn, n_args):
+                    def run():
+                        args = inputs[state["i"] % sets][:n_args]
+                        state["i"] += 1
+                        state["last"] = fn(*args)
+                    return run
+
+                def sync():
+                    last = state["last"]
+                    first = last[0] if isinstance(last, (list, tuple)) else last
+                    first[0, 0, 0, 0].numpy()
+
+                row["fwd_ms"] = median_ms(call(fwd, 3), sync)
+                row["fwdbwd_ms"] = median_ms(call(fwd_bwd, 4), sync)
+                row["peak_gib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30
+                del inputs
+        except Exception as error:  # pylint: disable=broad-except
+            row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def transpose(layout):
+    """CSC of the layout (col_offsets, row_indices, csc_flags) in NumPy."""
+    n = layout.seq_len // layout.block_size
+    ro, ci, fl = (np.asarray(a) for a in (layout.row_offsets, layout.col_indices,
+                                           layout.block_flags))
+    heads = (len(ro) - 1) // n
+    row_id = np.repeat(np.arange(heads * n), np.diff(ro))
+    key = (row_id // n) * n + ci
+    order = np.lexsort((row_id % n, key))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=heads * n))])
+    return (offsets.astype(np.int32), (row_id % n)[order].astype(np.int32),
+            fl[order].astype(np.int32))
+
+
+# ------------------------------------------------------------------------------------ torch
+
+def torch_mask_mod(pattern):
+    if pattern == "dense":
+        return lambda b, h, q, k: q >= k
+    if pattern == "local":
+        return lambda b, h, q, k: (q >= k) & (q - k < WINDOW)
+    if pattern == "strided":
+        return lambda b, h, q, k: (q >= k) & ((q - k) % STRIDE == 0)
+    return lambda b, h, q, k: (q >= k) & ((q // STRIDE == k // STRIDE) |
+                                          (k % STRIDE >= STRIDE - SUMMARY))
+
+
+def bench_torch(quick):
+    import torch  # pylint: disable=import-outside-toplevel
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # pylint: disable=import-outside-toplevel
+    from torch.nn.attention.flex_attention import (  # pylint: disable=import-outside-toplevel
+        create_block_mask, flex_attention)
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    sync = torch.cuda.synchronize
+    for dim, length, pattern in configs(quick):
+        runs = []
+        if pattern == "dense":
+            runs += [("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                     ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]
+        # FlexAttention compiles per shape: timed at head_dim 64 and where the targets are.
+        if dim == 64 and (length == 16384 or (length == 65536 and pattern in ("fixed", "strided"))):
+            runs.append(("flex", None))
+        for name, backend in runs:
+            row = dict(dim=dim, T=length, pattern=pattern, impl=name)
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                shape = (BATCH, HEADS, length, dim)
+                sets = [[torch.randn(shape, device="cuda", dtype=torch.bfloat16,
+                                     requires_grad=True) for _ in range(3)] for _ in range(2)]
+                d_out = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+                if backend is not None:
+                    def attend(q, k, v, backend=backend):
+                        with sdpa_kernel(backend):
+                            return torch.nn.functional.scaled_dot_product_attention(
+                                q, k, v, is_causal=True)
+                else:
+                    mask = create_block_mask(torch_mask_mod(pattern), None, None, length, length,
+                                             device="cuda")
+
+                    def attend(q, k, v, mask=mask):
+                        return flex(q, k, v, block_mask=mask)
+                state = {"i": 0}
+
+                def fwd():
+                    q, k, v = sets[state["i"] % 2]
+                    state["i"] += 1
+                    with torch.no_grad():
+                        attend(q, k, v)
+
+                def fwd_bwd():
+                    q, k, v = sets[state["i"] % 2]
+                    state["i"] += 1
+                    attend(q, k, v).backward(d_out)
+
+                row["fwd_ms"] = median_ms(fwd, sync)
+                row["fwdbwd_ms"] = median_ms(fwd_bwd, sync)
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                del sets
+            except Exception as error:  # pylint: disable=broad-except
+                row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
+                if "out of memory" in str(error).lower():
+                    row["error"] = "out of memory"
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------- report
+
+def tflops(pairs, dim, ms, per_pair):
+    return pairs * per_pair * dim / (ms * 1e-3) / 1e12
+
+
+def table(ours, theirs):
+    lines = ["| head_dim | T | pattern | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | "
+             "fwd+bwd TFLOP/s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pairs = {(r["dim"], r["T"], r["pattern"]): r["pairs"] for r in ours}
+    for r in ours + theirs:
+        key = (r["dim"], r["T"], r["pattern"])
+        impl = r.get("impl", f"ours (block {r.get('block')})")
+        if "error" in r:
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {impl} | {r['error']} |||||")
+            continue
+        p = pairs[key]
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {impl} | {r['fwd_ms']:.3f} | "
+            f"{tflops(p, key[0], r['fwd_ms'], 4):.0f} | {r['fwdbwd_ms']:.3f} | "
+            f"{tflops(p, key[0], r['fwdbwd_ms'], 14):.0f} | {r['peak_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def device_name():
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              check=False).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def write_results(text):
+    path = os.path.join(ROOT, "bench", "RESULTS.md")
+    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    start = old.find("## GPU kernels")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    else:
+        end = old.find("\n## ", start + 3)
+        new = old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "\n")
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-only", action="store_true")
+    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.torch_only:
+        rows = bench_torch(args.quick)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f)
+        return
+    ours = bench_ours(args.quick)
+    theirs = []
+    if not args.no_torch:
+        out = os.path.join(os.environ.get("OUT", "/tmp"), "bench_torch.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--torch-only", "--json", out]
+        if args.quick:
+            cmd.append("--quick")
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # the torch process needs none of TensorFlow's libraries
+        proc = subprocess.run(cmd, env=env, check=False)
+        if proc.returncode == 0 and os.path.exists(out):
+            theirs = json.load(open(out))
+        else:
+            print(f"torch comparison failed or unavailable (rc {proc.returncode})")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True, check=False).stdout.strip()
+    header = (f"## GPU kernels\n\nDevice: {device_name()}; commit {commit or 'unknown'}; "
+              f"{datetime.date.today().isoformat()}; bf16, batch {BATCH}, {HEADS} heads; "
+              "medians of graph-mode calls; useful TFLOP/s (4*d FLOPs per attended pair fwd, "
+              "14*d fwd+bwd); strided timed in its reordered token order.\n")
+    text = header + "\n" + table(ours, theirs) + "\n"
+    print(text)
+    if args.write:
+        write_results(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""One forward and one backward of the op on the GPU, small enough for compute-sanitizer:
+    compute-sanitizer --tool memcheck python3 bench/sanitize_gpu.py
+    compute-sanitizer --tool racecheck python3 bench/sanitize_gpu.py
+Covers a tensor-core path (bfloat16, head_dim 64, fine layout with partial tiles) and the scalar
+path (float32)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tensorflow as tf  # noqa: E402
+
+from tf_sparse_attn import BlockLayout, sparse_attention  # noqa: E402
+
+
+def main():
+    layout = BlockLayout.fixed(192, 16, 64, 16)
+    for dtype in (tf.bfloat16, tf.float32):
+        with tf.device("/GPU:0"):
+            q, k, v = (tf.cast(tf.random.normal([1, 181, 3, 64]), dtype) for _ in range(3))
+            with tf.GradientTape() as tape:
+                tape.watch([q, k, v])
+                out = sparse_attention(q, k, v, layout)
+                loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2)
+            grads = tape.gradient(loss, [q, k, v])
+        print(dtype.name, float(loss), [float(tf.reduce_sum(tf.cast(g, tf.float32))) for g in grads])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+// Dispatch of the CUDA kernels by dtype and head size, and the small kernels shared by all of
+// them (delta = rowsum(dO * O) - d_lse for the backward pass).
+#if GOOGLE_CUDA
+
+#include "cc/kernels/sparse_attention_gpu.h"
+#include "cc/kernels/sparse_attention_kernels.cuh"
+
+namespace tf_sparse_attn {
+namespace gpu {
+namespace {
+
+// One warp per (batch, token, head) row: the d_out and out rows are contiguous there.
+template <ElementType E>
+__global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p, float* delta) {
+  using T = typename detail::Elem<E>::T;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.heads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const T* o = static_cast<const T*>(p.out) + row * p.value_dim;
+  const T* d = static_cast<const T*>(p.d_out) + row * p.value_dim;
+  float acc = 0.f;
+  for (int c = lane; c < p.value_dim; c += 32)
+    acc += detail::Elem<E>::ToFloat(o[c]) * detail::Elem<E>::ToFloat(d[c]);
+  acc = detail::WarpSum(acc);
+  if (lane == 0) {
+    const int h = static_cast<int>(row % p.heads);
+    const int64_t bt = row / p.heads;
+    const int i = static_cast<int>(bt % p.q_len);
+    const int b = static_cast<int>(bt / p.q_len);
+    const int64_t at = (static_cast<int64_t>(b) * p.heads + h) * p.q_len + i;
+    // d lse_i / d s_ij = P_ij, so d_lse enters dS = P (dP - delta) with the opposite sign.
+    delta[at] = acc - (p.d_lse != nullptr ? p.d_lse[at] : 0.f);
+  }
+}
+
+bool HasMma(const SparseAttentionParams& p) {
+  return p.dtype != ElementType::kFloat32 && p.head_dim == p.value_dim &&
+         (p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128);
+}
+
+template <ElementType E>
+const char* MmaForwardFor(const SparseAttentionParams& p, const TileWork& w, void* s) {
+  switch (p.head_dim) {
+    case 32: return internal::MmaForward<E, 32>(p, w, s);
+    case 64: return internal::MmaForward<E, 64>(p, w, s);
+    default: return internal::MmaForward<E, 128>(p, w, s);
+  }
+}
+
+template <ElementType E>
+const char* MmaBackwardFor(const SparseAttentionParams& p, const TileWork& w, void* s) {
+  switch (p.head_dim) {
+    case 32: return internal::MmaBackward<E, 32>(p, w, s);
+    case 64: return internal::MmaBackward<E, 64>(p, w, s);
+    default: return internal::MmaBackward<E, 128>(p, w, s);
+  }
+}
+
+bool Empty(const SparseAttentionParams& p) {
+  return p.batch == 0 || p.heads == 0 || (p.q_len == 0 && p.kv_len == 0);
+}
+
+}  // namespace
+
+namespace internal {
+const char* LaunchDelta(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.heads;
+  if (rows == 0) return nullptr;
+  const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case ElementType::kFloat32: DeltaKernel<ElementType::kFloat32><<<blocks, 256, 0, s>>>(p, w.delta); break;
+    case ElementType::kFloat16: DeltaKernel<ElementType::kFloat16><<<blocks, 256, 0, s>>>(p, w.delta); break;
+    case ElementType::kBFloat16: DeltaKernel<ElementType::kBFloat16><<<blocks, 256, 0, s>>>(p, w.delta); break;
+  }
+  return detail::LastError();
+}
+}  // namespace internal
+
+bool Supported(const SparseAttentionParams& p, const char** why) {
+  if (p.block_size % kChunk != 0) {
+    *why = "the GPU kernels need block_size to be a multiple of 16";
+    return false;
+  }
+  if (p.head_dim > 32 * detail::kSimtPer || p.value_dim > 32 * detail::kSimtPer) {
+    *why = "the GPU kernels take head_dim and value_dim up to 256";
+    return false;
+  }
+  if (static_cast<int64_t>(p.batch) * p.heads > 65535) {
+    *why = "the GPU kernels take batch * heads up to 65535";
+    return false;
+  }
+  return true;
+}
+
+const char* LaunchForward(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  if (Empty(p) || p.q_len == 0) return nullptr;
+  if (HasMma(p)) {
+    return p.dtype == ElementType::kFloat16 ? MmaForwardFor<ElementType::kFloat16>(p, w, stream)
+                                            : MmaForwardFor<ElementType::kBFloat16>(p, w, stream);
+  }
+  switch (p.dtype) {
+    case ElementType::kFloat32: return internal::SimtForward<ElementType::kFloat32>(p, w, stream);
+    case ElementType::kFloat16: return internal::SimtForward<ElementType::kFloat16>(p, w, stream);
+    default: return internal::SimtForward<ElementType::kBFloat16>(p, w, stream);
+  }
+}
+
+const char* LaunchBackward(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  if (Empty(p)) return nullptr;
+  if (HasMma(p)) {
+    return p.dtype == ElementType::kFloat16 ? MmaBackwardFor<ElementType::kFloat16>(p, w, stream)
+                                            : MmaBackwardFor<ElementType::kBFloat16>(p, w, stream);
+  }
+  switch (p.dtype) {
+    case ElementType::kFloat32: return internal::SimtBackward<ElementType::kFloat32>(p, w, stream);
+    case ElementType::kFloat16: return internal::SimtBackward<ElementType::kFloat16>(p, w, stream);
+    default: return internal::SimtBackward<ElementType::kBFloat16>(p, w, stream);
+  }
+}
+
+const char* CopyToDevice(void* dst, const void* src, size_t bytes, void* stream) {
+  if (bytes == 0) return nullptr;
+  cudaError_t err =
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, static_cast<cudaStream_t>(stream));
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+const char* Poison(void* dst, size_t bytes, void* stream) {
+  if (bytes == 0) return nullptr;
+  cudaError_t err = cudaMemsetAsync(dst, 0xff, bytes, static_cast<cudaStream_t>(stream));
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace gpu
+}  // namespace tf_sparse_attn
+
+#endif  // GOOGLE_CUDA

@@ -1,0 +1,84 @@
+// Launchers of the CUDA kernels, callable from code that includes neither TensorFlow's nor
+// CUDA's headers. The stream is a cudaStream_t passed as void*; an error comes back as a message
+// (nullptr on success) so that the caller can turn it into its own status type.
+//
+// The kernels do not walk the block layout directly. A compute tile holds kTile query rows (or,
+// for dk/dv, kTile key rows) and may span several layout rows when the block size is smaller
+// than the tile, so the host first rewrites the layout as one work list per (layout head, tile):
+// the sorted union of the 16-token chunks that the tile's layout rows attend, each with the
+// layout rows (of the tile) that hold it. A kernel then gathers kChunk-row pieces of k/v (or
+// q/d_out) into shared memory, four or two at a time, and applies TokenAllowed only to the
+// gathered tiles whose entries say they are partial.
+#ifndef TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_GPU_H_
+#define TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_GPU_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "cc/kernels/sparse_attention_params.h"
+
+namespace tf_sparse_attn {
+namespace gpu {
+
+constexpr int kTile = 64;   // query rows of a forward / dq tile, key rows of a dk/dv tile
+constexpr int kChunk = 16;  // rows gathered as one piece; block sizes are multiples of it
+
+// One work-list entry is two int32: the first token of the chunk, and `info`:
+//   bits 0..7   layout rows of the tile (relative to the tile's first one) that hold the chunk
+//   bits 8..15  of those, the ones whose block carries kBlockWindowed
+//   bit  16     some pair of the (tile, chunk) may be masked: apply the token rules
+constexpr int kInfoWindowShift = 8;
+constexpr int32_t kInfoPartial = 1 << 16;
+
+// Work lists in device memory.
+struct TileWork {
+  const int32_t* q_offsets = nullptr;  // [layout_heads * QueryTiles(p) + 1]
+  const int32_t* q_entries = nullptr;  // 2 * q_offsets[last]
+  const int32_t* k_offsets = nullptr;  // [layout_heads * KeyTiles(p) + 1]  (backward only)
+  const int32_t* k_entries = nullptr;
+  float* delta = nullptr;  // [batch, heads, q_len] scratch of the backward pass
+};
+
+inline int QueryTiles(const SparseAttentionParams& p) { return (p.q_len + kTile - 1) / kTile; }
+inline int KeyTiles(const SparseAttentionParams& p) { return (p.kv_len + kTile - 1) / kTile; }
+
+// Builds the work lists from a CSR (transposed = false: rows are query blocks, entries key
+// blocks) or CSC (transposed = true) layout held in host memory. `offsets` gets
+// layout_heads * tiles + 1 values, `entries` the pairs described above. Chunks that no pair of
+// the tile may attend (after causal / window pruning) are left out.
+void BuildTileWork(const SparseAttentionParams& p, bool transposed, const int32_t* offsets_in,
+                   const int32_t* indices_in, const int32_t* flags_in,
+                   std::vector<int32_t>* offsets, std::vector<int32_t>* entries);
+
+// Whether the GPU kernels take this problem; *why gets the reason when they do not.
+bool Supported(const SparseAttentionParams& p, const char** why);
+
+// out, lse from q, k, v.
+const char* LaunchForward(const SparseAttentionParams& p, const TileWork& w, void* stream);
+// dq, dk, dv; w.delta must hold batch * heads * q_len floats.
+const char* LaunchBackward(const SparseAttentionParams& p, const TileWork& w, void* stream);
+// Host-to-device copy on the stream (pageable source: it is staged before this returns).
+const char* CopyToDevice(void* dst, const void* src, size_t bytes, void* stream);
+// Fills bytes with 0xff (NaN in every float type), so that tests catch unwritten outputs.
+const char* Poison(void* dst, size_t bytes, void* stream);
+
+namespace internal {
+// Tensor-core kernels: float16 / bfloat16, head_dim == value_dim == D. One translation unit
+// per (dtype, D).
+template <ElementType E, int D>
+const char* MmaForward(const SparseAttentionParams& p, const TileWork& w, void* stream);
+template <ElementType E, int D>
+const char* MmaBackward(const SparseAttentionParams& p, const TileWork& w, void* stream);
+// Scalar kernels for float32 and for head sizes without a tensor-core instantiation.
+template <ElementType E>
+const char* SimtForward(const SparseAttentionParams& p, const TileWork& w, void* stream);
+template <ElementType E>
+const char* SimtBackward(const SparseAttentionParams& p, const TileWork& w, void* stream);
+const char* LaunchDelta(const SparseAttentionParams& p, const TileWork& w, void* stream);
+}  // namespace internal
+
+}  // namespace gpu
+}  // namespace tf_sparse_attn
+
+#endif  // TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_GPU_H_

@@ -1,0 +1,26 @@
+// Scalar kernels for one dtype: float32, and head sizes without a tensor-core instantiation.
+#if GOOGLE_CUDA
+
+#include "cc/kernels/sparse_attention_kernels.cuh"
+
+namespace tf_sparse_attn {
+namespace gpu {
+namespace internal {
+
+template <>
+const char* SimtForward<ElementType::kBFloat16>(const SparseAttentionParams& p, const TileWork& w,
+                                            void* stream) {
+  return detail::SimtForwardImpl<ElementType::kBFloat16>(p, w, stream);
+}
+
+template <>
+const char* SimtBackward<ElementType::kBFloat16>(const SparseAttentionParams& p, const TileWork& w,
+                                             void* stream) {
+  return detail::SimtBackwardImpl<ElementType::kBFloat16>(p, w, stream);
+}
+
+}  // namespace internal
+}  // namespace gpu
+}  // namespace tf_sparse_attn
+
+#endif  // GOOGLE_CUDA

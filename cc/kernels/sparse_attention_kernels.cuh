@@ -1,0 +1,998 @@
+// CUDA kernels of the block-sparse attention, included by one translation unit per
+// (dtype, head size) so that the build parallelises and each unit stays small.
+//
+// Tensor-core path (float16, bfloat16): flash-attention style with mma.sync m16n8k16 (f32
+// accumulate), ldmatrix and cp.async, i.e. sm_80 instructions that also run on sm_90.
+//   forward  one CTA per (64 query rows, batch*head), 4 warps of 16 rows; key tiles of 64 gathered
+//            from the work list 16 rows at a time, double-buffered; online softmax in the log2
+//            domain; writes out and lse.
+//   dq       same tiling as the forward; recomputes P from lse, dP = dO V^T, dS = P (dP - delta).
+//   dk, dv   one CTA per 64 key rows walking the transposed work list; computes S^T and dP^T so
+//            that P^T and dS^T come out of the accumulators already in the A-operand layout.
+// Every output element is owned by one thread of one CTA: no atomics, deterministic.
+//
+// Scalar path (float32, other head sizes): one warp per row, the same work lists.
+#ifndef TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_KERNELS_CUH_
+#define TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_KERNELS_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cc/kernels/sparse_attention_gpu.h"
+#include "cc/kernels/sparse_attention_params.h"
+
+namespace tf_sparse_attn {
+namespace gpu {
+namespace detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = __builtin_huge_valf();
+
+template <ElementType E> struct Elem;
+template <> struct Elem<ElementType::kFloat32> {
+  using T = float;
+  static __device__ __forceinline__ float ToFloat(T x) { return x; }
+  static __device__ __forceinline__ T FromFloat(float x) { return x; }
+};
+template <> struct Elem<ElementType::kFloat16> {
+  using T = __half;
+  using T2 = __half2;
+  static __device__ __forceinline__ float ToFloat(T x) { return __half2float(x); }
+  static __device__ __forceinline__ T FromFloat(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+    T2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+template <> struct Elem<ElementType::kBFloat16> {
+  using T = __nv_bfloat16;
+  using T2 = __nv_bfloat162;
+  static __device__ __forceinline__ float ToFloat(T x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ T FromFloat(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+    T2 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+inline const char* LastError() {
+  cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small PTX wrappers.
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte asynchronous copy; src_bytes == 0 fills the destination with zeros (rows past the
+// end and missing chunks), so that masked products never meet uninitialised shared memory.
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void CpAsync4(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void Ldmatrix4(uint32_t (&r)[4], const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(ptr)));
+}
+__device__ __forceinline__ void Ldmatrix4T(uint32_t (&r)[4], const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(ptr)));
+}
+
+template <ElementType E>
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  if constexpr (E == ElementType::kBFloat16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Fragment addressing (lane = 0..31, tiles of 16 rows x 16 columns in a row-major smem array
+// with row stride S elements):
+//   A operand (rows = M, columns = K):            row lane&15,              column (lane>>4)*8
+//   B operand from [N][K] storage (non-trans):    row (lane&7)+(lane>>4)*8, column ((lane>>3)&1)*8
+//     -> r[0], r[1] = b0, b1 of n-tile 0; r[2], r[3] = b0, b1 of n-tile 1
+//   B operand from [K][N] storage (trans):        row (lane&7)+((lane>>3)&1)*8, column (lane>>4)*8
+template <int S>
+__device__ __forceinline__ int OffsetA(int lane) { return (lane & 15) * S + (lane >> 4) * 8; }
+template <int S>
+__device__ __forceinline__ int OffsetBn(int lane) {
+  return ((lane & 7) + (lane >> 4) * 8) * S + ((lane >> 3) & 1) * 8;
+}
+template <int S>
+__device__ __forceinline__ int OffsetBt(int lane) {
+  return ((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8;
+}
+
+__device__ __forceinline__ float WarpSum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// lse of a row in the log2 domain, with rows that attended nothing (lse = -inf) mapped to +inf
+// so that exp2(score - lse) is 0 there rather than NaN.
+__device__ __forceinline__ float Lse2(float lse) { return lse == -kInf ? kInf : lse * kLog2e; }
+
+// Whether (query i, key j) is allowed given a work-list entry and the layout row `sub` of the
+// tile that the tile-side position belongs to.
+__device__ __forceinline__ bool EntryAllows(const SparseAttentionParams& p, int32_t info, int sub,
+                                            int i, int j) {
+  if (!((info >> sub) & 1)) return false;
+  return TokenAllowed(p, i, j, (info >> (kInfoWindowShift + sub)) & 1);
+}
+
+// Copies `rows` (a multiple of 16) gathered rows of a [batch, len, heads, D] tensor into shared
+// memory with row stride S. Row r comes from token base[r / 16] + r % 16 of the chunk list;
+// chunks >= nvalid are zero-filled.
+template <typename T, int D, int S, int ROWS, int THREADS>
+__device__ __forceinline__ void GatherRows(T* dst, const T* src, int64_t token_stride,
+                                           const int32_t* entries, int nvalid) {
+  constexpr int kSegs = D / 8;  // 16-byte pieces in a row
+  for (int idx = threadIdx.x; idx < ROWS * kSegs; idx += THREADS) {
+    const int r = idx / kSegs, c = idx % kSegs;
+    const int chunk = r >> 4;
+    const bool valid = chunk < nvalid;
+    const int token = valid ? entries[2 * chunk] + (r & 15) : 0;
+    CpAsync16(dst + r * S + c * 8, src + token * token_stride + c * 8, valid ? 16 : 0);
+  }
+}
+
+// Loads `rows` contiguous rows starting at token `first` (rows past `len` zero-filled).
+template <typename T, int D, int S, int ROWS, int THREADS>
+__device__ __forceinline__ void LoadRows(T* dst, const T* src, int64_t token_stride, int first,
+                                         int len) {
+  constexpr int kSegs = D / 8;
+  for (int idx = threadIdx.x; idx < ROWS * kSegs; idx += THREADS) {
+    const int r = idx / kSegs, c = idx % kSegs;
+    const int token = first + r;
+    const bool valid = token < len;
+    CpAsync16(dst + r * S + c * 8, src + (valid ? token : 0) * token_stride + c * 8,
+              valid ? 16 : 0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core forward.
+
+template <int D>
+struct FwdConfig {
+  static constexpr int kThreads = 128;
+  static constexpr int kS = D + 8;  // padded row: ldmatrix rows fall into distinct banks
+  static constexpr int kKeys = 64;  // keys per step: 4 chunks
+  static constexpr size_t SmemBytes(size_t elem) {
+    return elem * (kTile * kS + 4 * kKeys * kS) + sizeof(float) * 2 * kKeys;
+  }
+};
+
+template <ElementType E, int D>
+__global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionParams p,
+                                                         const TileWork w) {
+  using Cfg = FwdConfig<D>;
+  using T = typename Elem<E>::T;
+  constexpr int S = Cfg::kS, KN = Cfg::kKeys, NT = KN / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kTile * S;
+  T* sV = sK + 2 * KN * S;
+  float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
+
+  const int tile = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int lh = p.layout_head(h);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int q0 = tile * kTile;
+  const int64_t stride = static_cast<int64_t>(p.heads) * D;
+  const T* qp = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_len * stride + h * D;
+  const T* kp = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.kv_len * stride + h * D;
+  const T* vp = static_cast<const T*>(p.v) + static_cast<int64_t>(b) * p.kv_len * stride + h * D;
+  const float* bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
+  const int32_t* list = w.q_offsets + lh * gridDim.x + tile;
+  const int e0 = list[0], e1 = list[1];
+  const int ngroups = (e1 - e0 + 3) / 4;
+  const int32_t* ent = w.q_entries;
+
+  auto load_group = [&](int grp, int buf) {
+    const int e = e0 + grp * 4;
+    const int nvalid = min(4, e1 - e);
+    GatherRows<T, D, S, KN, 128>(sK + buf * KN * S, kp, stride, ent + 2 * e, nvalid);
+    GatherRows<T, D, S, KN, 128>(sV + buf * KN * S, vp, stride, ent + 2 * e, nvalid);
+    if (bias != nullptr && tid < KN) {
+      const int chunk = tid >> 4;
+      const bool valid = chunk < nvalid;
+      const int token = valid ? ent[2 * (e + chunk)] + (tid & 15) : 0;
+      CpAsync4(sBias + buf * KN + tid, bias + token, valid ? 4 : 0);
+    }
+  };
+
+  LoadRows<T, D, S, kTile, 128>(sQ, qp, stride, q0, p.q_len);
+  if (ngroups > 0) load_group(0, 0);
+  CpAsyncCommit();
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) Ldmatrix4(qf[kk], sQ + warp * 16 * S + kk * 16 + OffsetA<S>(lane));
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};
+  const int row_i[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  const int sub0 = q0 / p.block_size;
+  const int sub[2] = {row_i[0] / p.block_size - sub0, row_i[1] / p.block_size - sub0};
+  const float sl = p.scale * kLog2e;
+
+  for (int grp = 0; grp < ngroups; ++grp) {
+    const int buf = grp & 1;
+    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
+    CpAsyncCommit();
+    CpAsyncWait<1>();
+    __syncthreads();
+
+    const int e = e0 + grp * 4;
+    int ks[4];
+    int32_t info[4];
+    bool partial = false;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const bool valid = e + c < e1;
+      ks[c] = valid ? ent[2 * (e + c)] : 0;
+      info[c] = valid ? ent[2 * (e + c) + 1] : 0;
+      partial |= !valid || (info[c] & kInfoPartial);
+    }
+
+    const T* cK = sK + buf * KN * S;
+    const T* cV = sV + buf * KN * S;
+    float s[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t kf[4];
+        Ldmatrix4(kf, cK + np * 16 * S + kk * 16 + OffsetBn<S>(lane));
+        Mma<E>(s[2 * np], qf[kk], kf[0], kf[1]);
+        Mma<E>(s[2 * np + 1], qf[kk], kf[2], kf[3]);
+      }
+    }
+
+    float mx[2] = {-kInf, -kInf};
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int col = n * 8 + 2 * t4 + (x & 1);
+        float v = s[n][x] * sl;
+        if (bias != nullptr) v += sBias[buf * KN + col] * kLog2e;
+        if (partial) {
+          const int c = n >> 1;
+          const int j = ks[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
+          if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
+        }
+        s[n][x] = v;
+        mx[x >> 1] = fmaxf(mx[x >> 1], v);
+      }
+    }
+    float m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      m_use[r] = m_new == -kInf ? 0.f : m_new;
+      const float alpha = exp2f(m[r] - m_use[r]);
+      m[r] = m_new;
+      l[r] *= alpha;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][2 * r] *= alpha;
+        o[n][2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const float pv = exp2f(s[n][x] - m_use[x >> 1]);
+        s[n][x] = pv;
+        l[x >> 1] += pv;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < KN / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = Elem<E>::Pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = Elem<E>::Pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = Elem<E>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = Elem<E>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t vf[4];
+        Ldmatrix4T(vf, cV + kk * 16 * S + dp * 16 + OffsetBt<S>(lane));
+        Mma<E>(o[2 * dp], pa, vf[0], vf[1]);
+        Mma<E>(o[2 * dp + 1], pa, vf[2], vf[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+  T* op = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.q_len * stride + h * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int i = row_i[r];
+    if (i >= p.q_len) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(op + i * stride + n * 8 + 2 * t4) =
+          Elem<E>::Pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    }
+    if (t4 == 0) {
+      p.lse[static_cast<int64_t>(bh) * p.q_len + i] =
+          l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -kInf;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core dq.
+
+template <int D>
+struct DqConfig {
+  static constexpr int kS = D + 8;
+  static constexpr int kKeys = 64;
+  static constexpr size_t SmemBytes(size_t elem) {
+    return elem * (2 * kTile * kS + 4 * kKeys * kS) + sizeof(float) * 2 * kKeys;
+  }
+};
+
+template <ElementType E, int D>
+__global__ void __launch_bounds__(128) MmaDqKernel(const SparseAttentionParams p,
+                                                    const TileWork w) {
+  using Cfg = DqConfig<D>;
+  using T = typename Elem<E>::T;
+  constexpr int S = Cfg::kS, KN = Cfg::kKeys, NT = KN / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kTile * S;
+  T* sK = sdO + kTile * S;
+  T* sV = sK + 2 * KN * S;
+  float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
+
+  const int tile = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int lh = p.layout_head(h);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int q0 = tile * kTile;
+  const int64_t stride = static_cast<int64_t>(p.heads) * D;
+  const int64_t qoff = static_cast<int64_t>(b) * p.q_len * stride + h * D;
+  const int64_t koff = static_cast<int64_t>(b) * p.kv_len * stride + h * D;
+  const T* qp = static_cast<const T*>(p.q) + qoff;
+  const T* dop = static_cast<const T*>(p.d_out) + qoff;
+  const T* kp = static_cast<const T*>(p.k) + koff;
+  const T* vp = static_cast<const T*>(p.v) + koff;
+  const float* bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
+  const int32_t* list = w.q_offsets + lh * gridDim.x + tile;
+  const int e0 = list[0], e1 = list[1];
+  const int ngroups = (e1 - e0 + 3) / 4;
+  const int32_t* ent = w.q_entries;
+
+  auto load_group = [&](int grp, int buf) {
+    const int e = e0 + grp * 4;
+    const int nvalid = min(4, e1 - e);
+    GatherRows<T, D, S, KN, 128>(sK + buf * KN * S, kp, stride, ent + 2 * e, nvalid);
+    GatherRows<T, D, S, KN, 128>(sV + buf * KN * S, vp, stride, ent + 2 * e, nvalid);
+    if (bias != nullptr && tid < KN) {
+      const int chunk = tid >> 4;
+      const bool valid = chunk < nvalid;
+      const int token = valid ? ent[2 * (e + chunk)] + (tid & 15) : 0;
+      CpAsync4(sBias + buf * KN + tid, bias + token, valid ? 4 : 0);
+    }
+  };
+
+  LoadRows<T, D, S, kTile, 128>(sQ, qp, stride, q0, p.q_len);
+  LoadRows<T, D, S, kTile, 128>(sdO, dop, stride, q0, p.q_len);
+  if (ngroups > 0) load_group(0, 0);
+  CpAsyncCommit();
+
+  const int row_i[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  const int sub0 = q0 / p.block_size;
+  const int sub[2] = {row_i[0] / p.block_size - sub0, row_i[1] / p.block_size - sub0};
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool in = row_i[r] < p.q_len;
+    const int64_t at = static_cast<int64_t>(bh) * p.q_len + row_i[r];
+    lse2[r] = in ? Lse2(p.lse[at]) : kInf;
+    delta[r] = in ? w.delta[at] : 0.f;
+  }
+  const float sl = p.scale * kLog2e;
+  float dq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+
+  for (int grp = 0; grp < ngroups; ++grp) {
+    const int buf = grp & 1;
+    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
+    CpAsyncCommit();
+    CpAsyncWait<1>();
+    __syncthreads();
+
+    const int e = e0 + grp * 4;
+    int ks[4];
+    int32_t info[4];
+    bool partial = false;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const bool valid = e + c < e1;
+      ks[c] = valid ? ent[2 * (e + c)] : 0;
+      info[c] = valid ? ent[2 * (e + c) + 1] : 0;
+      partial |= !valid || (info[c] & kInfoPartial);
+    }
+    const T* cK = sK + buf * KN * S;
+    const T* cV = sV + buf * KN * S;
+
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[4], da[4];
+      Ldmatrix4(qa, sQ + warp * 16 * S + kk * 16 + OffsetA<S>(lane));
+      Ldmatrix4(da, sdO + warp * 16 * S + kk * 16 + OffsetA<S>(lane));
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t kf[4], vf[4];
+        Ldmatrix4(kf, cK + np * 16 * S + kk * 16 + OffsetBn<S>(lane));
+        Ldmatrix4(vf, cV + np * 16 * S + kk * 16 + OffsetBn<S>(lane));
+        Mma<E>(s[2 * np], qa, kf[0], kf[1]);
+        Mma<E>(s[2 * np + 1], qa, kf[2], kf[3]);
+        Mma<E>(dp[2 * np], da, vf[0], vf[1]);
+        Mma<E>(dp[2 * np + 1], da, vf[2], vf[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int col = n * 8 + 2 * t4 + (x & 1);
+        float v = s[n][x] * sl;
+        if (bias != nullptr) v += sBias[buf * KN + col] * kLog2e;
+        if (partial) {
+          const int c = n >> 1;
+          const int j = ks[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
+          if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
+        }
+        const float pv = exp2f(v - lse2[x >> 1]);
+        s[n][x] = pv * (dp[n][x] - delta[x >> 1]);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < KN / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = Elem<E>::Pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = Elem<E>::Pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = Elem<E>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = Elem<E>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dd = 0; dd < D / 16; ++dd) {
+        uint32_t kf[4];
+        Ldmatrix4T(kf, cK + kk * 16 * S + dd * 16 + OffsetBt<S>(lane));
+        Mma<E>(dq[2 * dd], pa, kf[0], kf[1]);
+        Mma<E>(dq[2 * dd + 1], pa, kf[2], kf[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+  T* out = static_cast<T*>(p.dq) + qoff;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row_i[r];
+    if (i >= p.q_len) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(out + i * stride + n * 8 + 2 * t4) =
+          Elem<E>::Pack(dq[n][2 * r] * p.scale, dq[n][2 * r + 1] * p.scale);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core dk, dv.
+
+template <int D>
+struct DkvConfig {
+  static constexpr int kS = D + 8;
+  // Queries per step: 64 at D <= 64; 32 at D = 128 keeps the four accumulators (S, dP, dK, dV)
+  // in registers.
+  static constexpr int kQueries = D > 64 ? 32 : 64;
+  static constexpr size_t SmemBytes(size_t elem) {
+    return elem * (2 * kTile * kS + 4 * kQueries * kS) + sizeof(float) * 4 * kQueries;
+  }
+};
+
+template <ElementType E, int D>
+__global__ void __launch_bounds__(128) MmaDkvKernel(const SparseAttentionParams p,
+                                                     const TileWork w) {
+  using Cfg = DkvConfig<D>;
+  using T = typename Elem<E>::T;
+  constexpr int S = Cfg::kS, QN = Cfg::kQueries, NT = QN / 8, NC = QN / 16;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kTile * S;
+  T* sQ = sV + kTile * S;
+  T* sdO = sQ + 2 * QN * S;
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * QN * S);
+  float* sDelta = sLse + 2 * QN;
+
+  const int tile = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int lh = p.layout_head(h);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int k0 = tile * kTile;
+  const int64_t stride = static_cast<int64_t>(p.heads) * D;
+  const int64_t qoff = static_cast<int64_t>(b) * p.q_len * stride + h * D;
+  const int64_t koff = static_cast<int64_t>(b) * p.kv_len * stride + h * D;
+  const T* qp = static_cast<const T*>(p.q) + qoff;
+  const T* dop = static_cast<const T*>(p.d_out) + qoff;
+  const T* kp = static_cast<const T*>(p.k) + koff;
+  const T* vp = static_cast<const T*>(p.v) + koff;
+  const float* lsep = p.lse + static_cast<int64_t>(bh) * p.q_len;
+  const float* deltap = w.delta + static_cast<int64_t>(bh) * p.q_len;
+  const int32_t* list = w.k_offsets + lh * gridDim.x + tile;
+  const int e0 = list[0], e1 = list[1];
+  const int ngroups = (e1 - e0 + NC - 1) / NC;
+  const int32_t* ent = w.k_entries;
+
+  auto load_group = [&](int grp, int buf) {
+    const int e = e0 + grp * NC;
+    const int nvalid = min(NC, e1 - e);
+    GatherRows<T, D, S, QN, 128>(sQ + buf * QN * S, qp, stride, ent + 2 * e, nvalid);
+    GatherRows<T, D, S, QN, 128>(sdO + buf * QN * S, dop, stride, ent + 2 * e, nvalid);
+    if (tid < 2 * QN) {
+      const int r = tid % QN;
+      const int chunk = r >> 4;
+      const bool valid = chunk < nvalid;
+      const int token = valid ? ent[2 * (e + chunk)] + (r & 15) : 0;
+      if (tid < QN) {
+        CpAsync4(sLse + buf * QN + r, lsep + token, valid ? 4 : 0);
+      } else {
+        CpAsync4(sDelta + buf * QN + r, deltap + token, valid ? 4 : 0);
+      }
+    }
+  };
+
+  LoadRows<T, D, S, kTile, 128>(sK, kp, stride, k0, p.kv_len);
+  LoadRows<T, D, S, kTile, 128>(sV, vp, stride, k0, p.kv_len);
+  if (ngroups > 0) load_group(0, 0);
+  CpAsyncCommit();
+
+  const int row_j[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+  const int sub0 = k0 / p.block_size;
+  const int sub[2] = {row_j[0] / p.block_size - sub0, row_j[1] / p.block_size - sub0};
+  float bias2[2] = {0.f, 0.f};
+  if (p.key_bias != nullptr) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row_j[r] < p.kv_len)
+        bias2[r] = p.key_bias[static_cast<int64_t>(b) * p.kv_len + row_j[r]] * kLog2e;
+    }
+  }
+  const float sl = p.scale * kLog2e;
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.f;
+    dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f;
+  }
+
+  for (int grp = 0; grp < ngroups; ++grp) {
+    const int buf = grp & 1;
+    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
+    CpAsyncCommit();
+    CpAsyncWait<1>();
+    __syncthreads();
+
+    const int e = e0 + grp * NC;
+    int qs[NC];
+    int32_t info[NC];
+    bool partial = false;
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      const bool valid = e + c < e1;
+      qs[c] = valid ? ent[2 * (e + c)] : 0;
+      info[c] = valid ? ent[2 * (e + c) + 1] : 0;
+      partial |= !valid || (info[c] & kInfoPartial);
+    }
+    const T* cQ = sQ + buf * QN * S;
+    const T* cdO = sdO + buf * QN * S;
+    const float* cLse = sLse + buf * QN;
+    const float* cDelta = sDelta + buf * QN;
+
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ka[4], va[4];
+      Ldmatrix4(ka, sK + warp * 16 * S + kk * 16 + OffsetA<S>(lane));
+      Ldmatrix4(va, sV + warp * 16 * S + kk * 16 + OffsetA<S>(lane));
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t qf[4], df[4];
+        Ldmatrix4(qf, cQ + np * 16 * S + kk * 16 + OffsetBn<S>(lane));
+        Ldmatrix4(df, cdO + np * 16 * S + kk * 16 + OffsetBn<S>(lane));
+        Mma<E>(s[2 * np], ka, qf[0], qf[1]);
+        Mma<E>(s[2 * np + 1], ka, qf[2], qf[3]);
+        Mma<E>(dp[2 * np], va, df[0], df[1]);
+        Mma<E>(dp[2 * np + 1], va, df[2], df[3]);
+      }
+    }
+    // s becomes P^T, dp becomes dS^T.
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int col = n * 8 + 2 * t4 + (x & 1);
+        float v = s[n][x] * sl + bias2[x >> 1];
+        if (partial) {
+          const int c = n >> 1;
+          const int i = qs[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
+          if (!EntryAllows(p, info[c], sub[x >> 1], i, row_j[x >> 1])) v = -kInf;
+        }
+        const float pv = exp2f(v - Lse2(cLse[col]));
+        s[n][x] = pv;
+        dp[n][x] = pv * (dp[n][x] - cDelta[col]);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < QN / 16; ++kk) {
+      uint32_t pa[4], da[4];
+      pa[0] = Elem<E>::Pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = Elem<E>::Pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = Elem<E>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = Elem<E>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      da[0] = Elem<E>::Pack(dp[2 * kk][0], dp[2 * kk][1]);
+      da[1] = Elem<E>::Pack(dp[2 * kk][2], dp[2 * kk][3]);
+      da[2] = Elem<E>::Pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+      da[3] = Elem<E>::Pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+#pragma unroll
+      for (int dd = 0; dd < D / 16; ++dd) {
+        uint32_t of[4], qf[4];
+        Ldmatrix4T(of, cdO + kk * 16 * S + dd * 16 + OffsetBt<S>(lane));
+        Ldmatrix4T(qf, cQ + kk * 16 * S + dd * 16 + OffsetBt<S>(lane));
+        Mma<E>(dv[2 * dd], pa, of[0], of[1]);
+        Mma<E>(dv[2 * dd + 1], pa, of[2], of[3]);
+        Mma<E>(dk[2 * dd], da, qf[0], qf[1]);
+        Mma<E>(dk[2 * dd + 1], da, qf[2], qf[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+  T* dkp = static_cast<T*>(p.dk) + koff;
+  T* dvp = static_cast<T*>(p.dv) + koff;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = row_j[r];
+    if (j >= p.kv_len) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(dkp + j * stride + n * 8 + 2 * t4) =
+          Elem<E>::Pack(dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvp + j * stride + n * 8 + 2 * t4) =
+          Elem<E>::Pack(dv[n][2 * r], dv[n][2 * r + 1]);
+    }
+  }
+}
+
+template <typename Kernel>
+inline const char* Launch(Kernel kernel, dim3 grid, size_t smem, void* stream,
+                          const SparseAttentionParams& p, const TileWork& w) {
+  if (grid.x == 0 || grid.y == 0) return nullptr;
+  if (smem > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  kernel<<<grid, 128, smem, static_cast<cudaStream_t>(stream)>>>(p, w);
+  return LastError();
+}
+
+template <ElementType E, int D>
+const char* MmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  using T = typename Elem<E>::T;
+  const dim3 grid(QueryTiles(p), p.batch * p.heads);
+  return Launch(MmaForwardKernel<E, D>, grid, FwdConfig<D>::SmemBytes(sizeof(T)), stream, p, w);
+}
+
+template <ElementType E, int D>
+const char* MmaBackwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  using T = typename Elem<E>::T;
+  if (const char* err = internal::LaunchDelta(p, w, stream)) return err;
+  const dim3 qgrid(QueryTiles(p), p.batch * p.heads);
+  if (const char* err = Launch(MmaDqKernel<E, D>, qgrid, DqConfig<D>::SmemBytes(sizeof(T)),
+                               stream, p, w))
+    return err;
+  const dim3 kgrid(KeyTiles(p), p.batch * p.heads);
+  return Launch(MmaDkvKernel<E, D>, kgrid, DkvConfig<D>::SmemBytes(sizeof(T)), stream, p, w);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar kernels: one warp per row, each lane holding head_dim / 32 (at most 8) elements.
+
+constexpr int kSimtWarps = 8;
+constexpr int kSimtPer = 8;
+
+template <ElementType E>
+__device__ __forceinline__ void LoadRow(float (&x)[kSimtPer], const typename Elem<E>::T* row,
+                                        int n, int lane) {
+#pragma unroll
+  for (int u = 0; u < kSimtPer; ++u) {
+    const int d = lane + 32 * u;
+    x[u] = d < n ? Elem<E>::ToFloat(row[d]) : 0.f;
+  }
+}
+
+template <ElementType E>
+__global__ void __launch_bounds__(256) SimtForwardKernel(const SparseAttentionParams p,
+                                                          const TileWork w) {
+  using T = typename Elem<E>::T;
+  const int tile = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int lh = p.layout_head(h);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int D = p.head_dim, Dv = p.value_dim;
+  const int64_t qs = static_cast<int64_t>(p.heads) * D, vs = static_cast<int64_t>(p.heads) * Dv;
+  const T* qb = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_len * qs + h * D;
+  const T* kb = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.kv_len * qs + h * D;
+  const T* vb = static_cast<const T*>(p.v) + static_cast<int64_t>(b) * p.kv_len * vs + h * Dv;
+  T* ob = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.q_len * vs + h * Dv;
+  const float* bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
+  const int32_t* list = w.q_offsets + lh * gridDim.x + tile;
+  const int e0 = list[0], e1 = list[1];
+  const int q0 = tile * kTile, sub0 = q0 / p.block_size;
+  for (int r = warp; r < kTile; r += kSimtWarps) {
+    const int i = q0 + r;
+    if (i >= p.q_len) break;
+    const int sub = i / p.block_size - sub0;
+    float q[kSimtPer], o[kSimtPer];
+    LoadRow<E>(q, qb + i * qs, D, lane);
+#pragma unroll
+    for (int u = 0; u < kSimtPer; ++u) o[u] = 0.f;
+    float m = -kInf, l = 0.f;
+    for (int e = e0; e < e1; ++e) {
+      const int ks = w.q_entries[2 * e];
+      const int32_t info = w.q_entries[2 * e + 1];
+      if (!((info >> sub) & 1)) continue;
+      for (int jj = 0; jj < kChunk; ++jj) {
+        const int j = ks + jj;
+        if (!EntryAllows(p, info, sub, i, j)) continue;
+        float kr[kSimtPer], vr[kSimtPer];
+        LoadRow<E>(kr, kb + j * qs, D, lane);
+        float dot = 0.f;
+#pragma unroll
+        for (int u = 0; u < kSimtPer; ++u) dot += q[u] * kr[u];
+        float sc = WarpSum(dot) * p.scale + (bias ? bias[j] : 0.f);
+        if (sc == -kInf) continue;
+        LoadRow<E>(vr, vb + j * vs, Dv, lane);
+        const float m_new = fmaxf(m, sc);
+        const float alpha = expf(m - m_new);
+        const float pe = expf(sc - m_new);
+        l = l * alpha + pe;
+#pragma unroll
+        for (int u = 0; u < kSimtPer; ++u) o[u] = o[u] * alpha + pe * vr[u];
+        m = m_new;
+      }
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int u = 0; u < kSimtPer; ++u) {
+      const int d = lane + 32 * u;
+      if (d < Dv) ob[i * vs + d] = Elem<E>::FromFloat(o[u] * inv);
+    }
+    if (lane == 0) p.lse[static_cast<int64_t>(bh) * p.q_len + i] = l > 0.f ? m + logf(l) : -kInf;
+  }
+}
+
+template <ElementType E>
+__global__ void __launch_bounds__(256) SimtDqKernel(const SparseAttentionParams p,
+                                                     const TileWork w) {
+  using T = typename Elem<E>::T;
+  const int tile = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int lh = p.layout_head(h);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int D = p.head_dim, Dv = p.value_dim;
+  const int64_t qs = static_cast<int64_t>(p.heads) * D, vs = static_cast<int64_t>(p.heads) * Dv;
+  const int64_t qo = static_cast<int64_t>(b) * p.q_len * qs + h * D;
+  const int64_t oo = static_cast<int64_t>(b) * p.q_len * vs + h * Dv;
+  const T* qb = static_cast<const T*>(p.q) + qo;
+  const T* kb = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.kv_len * qs + h * D;
+  const T* vb = static_cast<const T*>(p.v) + static_cast<int64_t>(b) * p.kv_len * vs + h * Dv;
+  const T* dob = static_cast<const T*>(p.d_out) + oo;
+  T* dqb = static_cast<T*>(p.dq) + qo;
+  const float* bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
+  const int32_t* list = w.q_offsets + lh * gridDim.x + tile;
+  const int e0 = list[0], e1 = list[1];
+  const int q0 = tile * kTile, sub0 = q0 / p.block_size;
+  for (int r = warp; r < kTile; r += kSimtWarps) {
+    const int i = q0 + r;
+    if (i >= p.q_len) break;
+    const int sub = i / p.block_size - sub0;
+    const int64_t at = static_cast<int64_t>(bh) * p.q_len + i;
+    const float lse = p.lse[at], delta = w.delta[at];
+    float q[kSimtPer], d_o[kSimtPer], dq[kSimtPer];
+    LoadRow<E>(q, qb + i * qs, D, lane);
+    LoadRow<E>(d_o, dob + i * vs, Dv, lane);
+#pragma unroll
+    for (int u = 0; u < kSimtPer; ++u) dq[u] = 0.f;
+    for (int e = (lse == -kInf ? e1 : e0); e < e1; ++e) {
+      const int ks = w.q_entries[2 * e];
+      const int32_t info = w.q_entries[2 * e + 1];
+      if (!((info >> sub) & 1)) continue;
+      for (int jj = 0; jj < kChunk; ++jj) {
+        const int j = ks + jj;
+        if (!EntryAllows(p, info, sub, i, j)) continue;
+        float kr[kSimtPer], vr[kSimtPer];
+        LoadRow<E>(kr, kb + j * qs, D, lane);
+        LoadRow<E>(vr, vb + j * vs, Dv, lane);
+        float dot = 0.f, dpv = 0.f;
+#pragma unroll
+        for (int u = 0; u < kSimtPer; ++u) {
+          dot += q[u] * kr[u];
+          dpv += d_o[u] * vr[u];
+        }
+        const float sc = WarpSum(dot) * p.scale + (bias ? bias[j] : 0.f);
+        const float pe = expf(sc - lse);
+        const float ds = pe * (WarpSum(dpv) - delta);
+#pragma unroll
+        for (int u = 0; u < kSimtPer; ++u) dq[u] += ds * kr[u];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSimtPer; ++u) {
+      const int d = lane + 32 * u;
+      if (d < D) dqb[i * qs + d] = Elem<E>::FromFloat(dq[u] * p.scale);
+    }
+  }
+}
+
+template <ElementType E>
+__global__ void __launch_bounds__(256) SimtDkvKernel(const SparseAttentionParams p,
+                                                      const TileWork w) {
+  using T = typename Elem<E>::T;
+  const int tile = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int lh = p.layout_head(h);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int D = p.head_dim, Dv = p.value_dim;
+  const int64_t qs = static_cast<int64_t>(p.heads) * D, vs = static_cast<int64_t>(p.heads) * Dv;
+  const int64_t ko = static_cast<int64_t>(b) * p.kv_len * qs + h * D;
+  const int64_t vo = static_cast<int64_t>(b) * p.kv_len * vs + h * Dv;
+  const T* qb = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_len * qs + h * D;
+  const T* dob = static_cast<const T*>(p.d_out) + static_cast<int64_t>(b) * p.q_len * vs + h * Dv;
+  const T* kb = static_cast<const T*>(p.k) + ko;
+  const T* vb = static_cast<const T*>(p.v) + vo;
+  T* dkb = static_cast<T*>(p.dk) + ko;
+  T* dvb = static_cast<T*>(p.dv) + vo;
+  const float* lseb = p.lse + static_cast<int64_t>(bh) * p.q_len;
+  const float* deltab = w.delta + static_cast<int64_t>(bh) * p.q_len;
+  const int32_t* list = w.k_offsets + lh * gridDim.x + tile;
+  const int e0 = list[0], e1 = list[1];
+  const int k0 = tile * kTile, sub0 = k0 / p.block_size;
+  for (int r = warp; r < kTile; r += kSimtWarps) {
+    const int j = k0 + r;
+    if (j >= p.kv_len) break;
+    const int sub = j / p.block_size - sub0;
+    const float bj = p.key_bias ? p.key_bias[static_cast<int64_t>(b) * p.kv_len + j] : 0.f;
+    float kr[kSimtPer], vr[kSimtPer], dk[kSimtPer], dv[kSimtPer];
+    LoadRow<E>(kr, kb + j * qs, D, lane);
+    LoadRow<E>(vr, vb + j * vs, Dv, lane);
+#pragma unroll
+    for (int u = 0; u < kSimtPer; ++u) dk[u] = dv[u] = 0.f;
+    for (int e = e0; e < e1; ++e) {
+      const int qs0 = w.k_entries[2 * e];
+      const int32_t info = w.k_entries[2 * e + 1];
+      if (!((info >> sub) & 1)) continue;
+      for (int ii = 0; ii < kChunk; ++ii) {
+        const int i = qs0 + ii;
+        if (!EntryAllows(p, info, sub, i, j)) continue;
+        const float lse = lseb[i];
+        if (lse == -kInf) continue;
+        float q[kSimtPer], d_o[kSimtPer];
+        LoadRow<E>(q, qb + i * qs, D, lane);
+        LoadRow<E>(d_o, dob + i * vs, Dv, lane);
+        float dot = 0.f, dpv = 0.f;
+#pragma unroll
+        for (int u = 0; u < kSimtPer; ++u) {
+          dot += q[u] * kr[u];
+          dpv += d_o[u] * vr[u];
+        }
+        const float pe = expf(WarpSum(dot) * p.scale + bj - lse);
+        const float ds = pe * (WarpSum(dpv) - deltab[i]);
+#pragma unroll
+        for (int u = 0; u < kSimtPer; ++u) {
+          dv[u] += pe * d_o[u];
+          dk[u] += ds * q[u];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSimtPer; ++u) {
+      const int d = lane + 32 * u;
+      if (d < D) dkb[j * qs + d] = Elem<E>::FromFloat(dk[u] * p.scale);
+      if (d < Dv) dvb[j * vs + d] = Elem<E>::FromFloat(dv[u]);
+    }
+  }
+}
+
+template <ElementType E>
+const char* SimtForwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  const dim3 grid(QueryTiles(p), p.batch * p.heads);
+  if (grid.x == 0 || grid.y == 0) return nullptr;
+  SimtForwardKernel<E><<<grid, 32 * kSimtWarps, 0, static_cast<cudaStream_t>(stream)>>>(p, w);
+  return LastError();
+}
+
+template <ElementType E>
+const char* SimtBackwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  if (const char* err = internal::LaunchDelta(p, w, stream)) return err;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (p.batch * p.heads == 0) return nullptr;
+  if (QueryTiles(p) > 0) {
+    SimtDqKernel<E><<<dim3(QueryTiles(p), p.batch * p.heads), 32 * kSimtWarps, 0, s>>>(p, w);
+    if (const char* err = LastError()) return err;
+  }
+  if (KeyTiles(p) > 0) {
+    SimtDkvKernel<E><<<dim3(KeyTiles(p), p.batch * p.heads), 32 * kSimtWarps, 0, s>>>(p, w);
+  }
+  return LastError();
+}
+
+}  // namespace detail
+}  // namespace gpu
+}  // namespace tf_sparse_attn
+
+#endif  // TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_KERNELS_CUH_

@@ -1,0 +1,258 @@
+"""The deep Sparse Transformer (Child et al. 2019, sections 5 and 6) as a Keras 3 model.
+
+Pre-LayerNorm residual blocks: x += Dropout(Attention(LN(x))); x += Dropout(W2 GELU(W1 LN(x)))
+with W1 of width 4d. Dropout sits only at the end of each residual branch. The output
+projections of both branches start scaled by 1/sqrt(2N) for N layers, so the residual stream's
+variance does not grow with depth; the logits start at zero, so the first loss is log(256).
+Positions are learned factorized embeddings (`embeddings.py`). Each layer takes its own
+attention kind from the configuration's cycle (`ModelConfig.attention`).
+
+Each block is recomputed in the backward pass (`tf.recompute_grad`): only the residual stream
+between blocks stays alive, so activation memory does not grow with depth beyond it. Dropout
+inside a recomputed block draws from a stateless generator seeded once per forward pass, so the
+recomputation sees the same masks. `ModelConfig.recompute=False` keeps activations instead.
+
+Tokens are the targets: the model shifts them right behind a start token (id = vocab_size), so
+logits[:, t] predict tokens[:, t] from tokens[:, :t], and `model.fit(x=tokens, y=tokens)` trains
+it.
+
+>>> import numpy as np
+>>> from tf_sparse_attn.models import build_model, get_config
+>>> model = build_model(get_config("tiny").model)
+>>> model(np.zeros([2, 64], np.int32)).shape
+TensorShape([2, 64, 256])
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_sparse_attn.models.config import ModelConfig
+from tf_sparse_attn.models.embeddings import FactorizedPositionEmbedding
+
+LN_EPSILON = 1e-5
+
+
+@keras.saving.register_keras_serializable(package="tf_sparse_attn")
+class ScaledInitializer(keras.initializers.Initializer):
+    """`base` scaled by a constant: the depth scaling 1/sqrt(2N) of the output projections."""
+
+    def __init__(self, base, scale):
+        self.base = keras.initializers.get(base)
+        self.scale = float(scale)
+
+    def __call__(self, shape, dtype=None):
+        return self.base(shape, dtype=dtype) * self.scale
+
+    def get_config(self):
+        return {"base": keras.initializers.serialize(self.base), "scale": self.scale}
+
+
+def default_implementation() -> str:
+    from tf_sparse_attn._load import op_library_available  # pylint: disable=import-outside-toplevel
+    return "op" if op_library_available() else "portable"
+
+
+def make_attention(kind: str, config: ModelConfig, name: str | None = None):
+    """The library layer for one attention kind (see config.ATTENTION_KINDS)."""
+    from tf_sparse_attn import layers  # pylint: disable=import-outside-toplevel
+
+    common = dict(num_heads=config.num_heads, key_dim=config.head_dim,
+                  block_size=config.block_size, causal=True, dropout=0.0,
+                  implementation=config.implementation or default_implementation(),
+                  kernel_initializer=keras.initializers.RandomNormal(stddev=config.init_scale),
+                  name=name)
+    if kind == "dense":
+        return layers.SparseMultiHeadAttention(pattern="dense", **common)
+    if kind == "local":
+        return layers.SparseMultiHeadAttention(pattern="local", window=config.local_window,
+                                               **common)
+    if kind == "strided":
+        return layers.SparseMultiHeadAttention(pattern="strided", stride=config.stride, **common)
+    if kind in ("strided_merged", "strided_split"):
+        return layers.StridedAttention(stride=config.stride, combine=kind.split("_")[1],
+                                       **common)
+    if kind in ("fixed", "fixed_split", "fixed_block", "fixed_summary"):
+        combine = "merged" if kind == "fixed" else kind.split("_")[1]
+        return layers.FixedAttention(stride=config.stride, summary=config.summary,
+                                     num_summary_groups=config.num_summary_groups,
+                                     combine=combine, **common)
+    raise ValueError(f"unknown attention kind {kind!r}")
+
+
+def output_projection_kernel(attention):
+    """The kernel of an attention layer's output projection (scaled at init by 1/sqrt(2N))."""
+    for attr in ("output_dense", "_output_dense", "output_projection", "_output_projection"):
+        sub = getattr(attention, attr, None)
+        if sub is not None and getattr(sub, "kernel", None) is not None:
+            return sub.kernel
+    candidates = [v for v in attention.weights
+                  if "output" in v.path and v.path.endswith("kernel")]
+    if len(candidates) != 1:
+        raise ValueError(f"cannot find the output projection of {attention.name} among "
+                         f"{[v.path for v in attention.weights]}")
+    return candidates[0]
+
+
+def _dropout(x, rate, seed):
+    # Stateless, so a recomputed block draws the same mask from the same seed.
+    return tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
+
+
+@keras.saving.register_keras_serializable(package="tf_sparse_attn")
+class TransformerBlock(keras.layers.Layer):
+    """One pre-LayerNorm residual block: attention then a GELU feed-forward of width 4d.
+
+    call(x, training=None, seed=None): seed, an int [2] tensor, fixes the dropout masks (drawn
+    from the block's own generator when None)."""
+
+    def __init__(self, config: ModelConfig, kind: str, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.kind = kind
+        d = config.d_model
+        depth_scale = 1.0 / math.sqrt(2 * config.num_layers)
+        normal = keras.initializers.RandomNormal(stddev=config.init_scale)
+        self.attention_norm = keras.layers.LayerNormalization(epsilon=LN_EPSILON,
+                                                              name="attention_norm")
+        self.attention = make_attention(kind, config, name="attention")
+        self.ffn_norm = keras.layers.LayerNormalization(epsilon=LN_EPSILON, name="ffn_norm")
+        self.ffn_in = keras.layers.Dense(config.ffn_multiplier * d, activation="gelu",
+                                         kernel_initializer=normal, name="ffn_in")
+        self.ffn_out = keras.layers.Dense(d, kernel_initializer=ScaledInitializer(
+            normal, depth_scale), name="ffn_out")
+        self.depth_scale = depth_scale
+        self.rate = float(config.dropout)
+        self.seed_generator = keras.random.SeedGenerator(
+            seed=None, name="dropout_seed") if self.rate > 0 else None
+
+    def build(self, input_shape):
+        d = self.config.d_model
+        self.attention_norm.build((None, None, d))
+        self.ffn_norm.build((None, None, d))
+        self.ffn_in.build((None, None, d))
+        self.ffn_out.build((None, None, self.config.ffn_multiplier * d))
+        # The attention layer builds on a first call; a one-token probe keeps it cheap at any
+        # configured length, then the output projection takes the depth scaling.
+        with tf.init_scope():
+            self.attention(tf.zeros([1, 1, d], self.compute_dtype))
+            kernel = output_projection_kernel(self.attention)
+            kernel.assign(kernel * self.depth_scale)
+        self.built = True
+
+    def _residual(self, x, training, seed):
+        h = self.attention(self.attention_norm(x), training=training)
+        if seed is not None:
+            h = _dropout(h, self.rate, seed[0])
+        x = x + h
+        h = self.ffn_out(self.ffn_in(self.ffn_norm(x)))
+        if seed is not None:
+            h = _dropout(h, self.rate, seed[1])
+        return x + h
+
+    def call(self, x, training=None, seed=None):
+        if training and self.rate > 0:
+            if seed is None:
+                seed = self.seed_generator.next()
+            seed = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+        else:
+            seed = None
+        if training and self.config.recompute:
+            return tf.recompute_grad(lambda h: self._residual(h, True, seed))(x)
+        return self._residual(x, training, seed)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(config=self.config.__dict__.copy(), kind=self.kind)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        model_config = dict(config.pop("config"))
+        model_config["position_shape"] = tuple(model_config["position_shape"])
+        return cls(ModelConfig(**model_config), **config)
+
+
+@keras.saving.register_keras_serializable(package="tf_sparse_attn")
+class SparseTransformer(keras.Model):
+    """The autoregressive Sparse Transformer over byte-valued tokens.
+
+    call(tokens [batch, time] ints in [0, vocab_size), training=None) -> float32 logits
+    [batch, time, vocab_size]; logits[:, t] predict tokens[:, t] from tokens[:, :t].
+    """
+
+    def __init__(self, config: ModelConfig, **kwargs):
+        if isinstance(config, dict):
+            config = dict(config)
+            config["position_shape"] = tuple(config["position_shape"])
+            config = ModelConfig(**config)
+        super().__init__(**kwargs)
+        self.config = config
+        self.start_token = config.vocab_size
+        d = config.d_model
+        normal = keras.initializers.RandomNormal(stddev=config.init_scale)
+        self.token_embedding = keras.layers.Embedding(
+            config.vocab_size + 1, d, embeddings_initializer=normal, name="token_embedding")
+        self.position_embedding = FactorizedPositionEmbedding(
+            config.position_shape, d, embeddings_initializer=normal, name="position_embedding")
+        self.blocks = [TransformerBlock(config, kind, name=f"block_{i}")
+                       for i, kind in enumerate(config.layer_kinds())]
+        self.final_norm = keras.layers.LayerNormalization(epsilon=LN_EPSILON, name="final_norm")
+        # float32 logits whatever the policy: the softmax over 256 values wants the range.
+        self.head = keras.layers.Dense(config.vocab_size, kernel_initializer="zeros",
+                                       bias_initializer="zeros", dtype="float32", name="logits")
+
+    def build(self, input_shape=None):
+        d = self.config.d_model
+        self.token_embedding.build((None, None))
+        self.position_embedding.build()
+        for block in self.blocks:
+            block.build((None, None, d))
+        self.final_norm.build((None, None, d))
+        self.head.build((None, None, d))
+        self.built = True
+
+    def embed(self, tokens):
+        """Shifted token embeddings plus position embeddings, [batch, time, d]."""
+        tokens = tf.cast(tokens, tf.int32)
+        batch, time = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        shifted = tf.concat([tf.fill([batch, 1], self.start_token), tokens[:, :-1]], axis=1)
+        x = self.token_embedding(shifted)
+        return x + self.position_embedding.full()[None, :time]
+
+    def call(self, tokens, training=None):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, training=training)
+        return self.head(self.final_norm(x))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(config=self.config.__dict__.copy())
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def build_model(config: ModelConfig, **kwargs) -> SparseTransformer:
+    """A built SparseTransformer (weights created eagerly, so callbacks and optimizers that need
+    variables before the first step find them)."""
+    model = SparseTransformer(config, **kwargs)
+    model.build((None, config.seq_len))
+    return model
+
+
+def bits_per_dim(y_true, logits):
+    """Cross-entropy in bits of each position: the paper's bits per dim (per byte for text)."""
+    nats = keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
+    return nats / np.log(2.0)
+
+
+def count_parameters(model) -> int:
+    return int(sum(np.prod(v.shape) for v in model.trainable_weights))

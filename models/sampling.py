@@ -1,0 +1,277 @@
+"""Autoregressive sampling with a key/value cache, and writing samples as PNG, WAV or text.
+
+Each new position t runs through every layer once: its key and value enter the layer's cache,
+and its query attends only to the positions its pattern allows, which
+`BlockLayout.keys_of(t, head)` lists exactly in natural order. Per layer kind, the key lists of
+all positions are tabulated once (padded with -1), so a step is a gather of at most
+max-keys-per-query cached entries: O(sqrt(T)) work per step for the factorized patterns.
+
+>>> import numpy as np
+>>> from tf_sparse_attn.models import build_model, get_config
+>>> from tf_sparse_attn.models.sampling import Sampler
+>>> model = build_model(get_config("tiny").model)
+>>> tokens = Sampler(model, batch_size=2).sample(temperature=1.0, seed=0)
+>>> tokens.shape
+(2, 64)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tf_sparse_attn.layouts import BlockLayout
+from tf_sparse_attn.models.config import ModelConfig
+
+
+# ------------------------------------------------------------------------------ key tables
+
+def _kind_layouts(kind: str, m: ModelConfig):
+    """Per attention head, the list of layouts whose token sets the head attends (a union)."""
+    T, b, heads = m.seq_len, m.block_size, m.num_heads
+    local = lambda: BlockLayout.local(T, b, m.local_window)  # noqa: E731
+    strided = lambda: BlockLayout.strided(T, b, m.stride)  # noqa: E731
+
+    def fixed(part):
+        return BlockLayout.fixed(T, b, m.stride, m.summary, num_heads=heads,
+                                 num_summary_groups=m.num_summary_groups, part=part)
+
+    half = heads // 2
+    if kind == "dense":
+        return None
+    if kind == "local":
+        return [[local()]] * heads
+    if kind == "strided":
+        return [[strided()]] * heads
+    if kind == "strided_merged":
+        return [[local(), strided()]] * heads
+    if kind == "strided_split":
+        return [[local()]] * half + [[strided()]] * (heads - half)
+    if kind == "fixed":
+        return [[fixed("both")]] * heads
+    if kind == "fixed_block":
+        return [[fixed("block")]] * heads
+    if kind == "fixed_summary":
+        return [[fixed("summary")]] * heads
+    if kind == "fixed_split":
+        return [[fixed("block")]] * half + [[fixed("summary")]] * (heads - half)
+    raise ValueError(f"unknown attention kind {kind!r}")
+
+
+@functools.lru_cache(maxsize=16)
+def key_table(kind: str, m: ModelConfig):
+    """int32 [T, heads, max_keys]: the natural-order key positions of every query and head,
+    padded with -1; None for dense (every j <= t)."""
+    layouts = _kind_layouts(kind, m)
+    if layouts is None:
+        return None
+    T = m.seq_len
+    # Heads that share their layouts share a key list; compute each distinct one once.
+    distinct = {}
+    for head, parts in enumerate(layouts):
+        signature = tuple((id(p), head if p.num_heads > 1 else 0) for p in parts)
+        distinct.setdefault(signature, []).append(head)
+    per_signature = {}
+    for signature, heads in distinct.items():
+        parts, head = layouts[heads[0]], heads[0]
+        keys = []
+        for t in range(T):
+            sets = [p.keys_of(t, head if p.num_heads > 1 else 0) for p in parts]
+            keys.append(sets[0] if len(sets) == 1 else functools.reduce(np.union1d, sets))
+        per_signature[signature] = keys
+    width = max(len(k) for keys in per_signature.values() for k in keys)
+    table = np.full((T, m.num_heads, width), -1, np.int32)
+    for signature, heads in distinct.items():
+        for t, keys in enumerate(per_signature[signature]):
+            table[t, heads, :len(keys)] = keys
+    return table
+
+
+# ------------------------------------------------------------------- attention projections
+
+def _find(layer, names):
+    for name in names:
+        sub = getattr(layer, name, None)
+        if sub is not None:
+            return sub
+    raise AttributeError(f"{type(layer).__name__} has none of {names}: the cached sampler needs "
+                         "the attention layer's query, key, value and output projections")
+
+
+def attention_projections(attention):
+    """(query, key, value, output) callables of an attention layer: [B, t, d] -> [B, t, H, dh]
+    and [B, t, H, dv] -> [B, t, d]."""
+    return tuple(_find(attention, (f"{part}_dense", f"_{part}_dense",
+                                   f"{part}_projection", f"_{part}_projection"))
+                 for part in ("query", "key", "value", "output"))
+
+
+# ---------------------------------------------------------------------------------- sampler
+
+class Sampler:
+    """Cached step-by-step decoding of a SparseTransformer.
+
+    sample(temperature, seed, prompt=None) -> int32 numpy [batch, T]
+    logits_of(tokens) -> float32 numpy [batch, T, vocab]: the cached step-by-step logits under
+      teacher forcing, which equal model(tokens) (the check that the cache is exact).
+    """
+
+    def __init__(self, model, batch_size: int = 1):
+        self.model = model
+        m = model.config
+        self.config = m
+        self.batch_size = int(batch_size)
+        self.dtype = model.compute_dtype
+        self.tables = []
+        for kind in m.layer_kinds():
+            table = key_table(kind, m)
+            self.tables.append(None if table is None else tf.constant(table))
+        head_dim = m.head_dim
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.projections = [attention_projections(block.attention) for block in model.blocks]
+        cache_shape = [m.num_heads, m.seq_len, self.batch_size, head_dim]
+        # Head-major caches, [heads, time, batch, dim], so a step gathers along time per head.
+        self.keys = [tf.Variable(tf.zeros(cache_shape, self.dtype), trainable=False)
+                     for _ in model.blocks]
+        self.values = [tf.Variable(tf.zeros(cache_shape, self.dtype), trainable=False)
+                       for _ in model.blocks]
+
+    def _attend(self, layer, q, t):
+        """q [B, H, dh] of position t -> [B, H, dh] over its pattern's cached keys."""
+        keys, values, table = self.keys[layer], self.values[layer], self.tables[layer]
+        if table is None:
+            k, v = keys, values  # [H, T, B, d]
+            valid = tf.range(self.config.seq_len) <= t  # [T]
+            valid = valid[None, None, :]
+        else:
+            index = table[t]  # [H, K]
+            valid = (index >= 0)[None]  # [1, H, K]
+            index = tf.maximum(index, 0)
+            k = tf.gather(keys, index, axis=1, batch_dims=1)  # [H, K, B, d]
+            v = tf.gather(values, index, axis=1, batch_dims=1)
+        scores = tf.einsum("bhd,hkbd->bhk", tf.cast(q, tf.float32), tf.cast(k, tf.float32))
+        scores = tf.where(valid, scores * self.scale, float("-inf"))
+        probs = tf.nn.softmax(scores, axis=-1)
+        return tf.einsum("bhk,hkbd->bhd", probs, tf.cast(v, tf.float32))
+
+    def _step(self, token, t):
+        """token [B]: the token before position t (the start token at t = 0) -> logits [B, V]."""
+        model = self.model
+        x = model.token_embedding(token[:, None]) + model.position_embedding(t)[None, None]
+        for layer, block in enumerate(model.blocks):
+            query, key, value, output = self.projections[layer]
+            h = block.attention_norm(x)
+            q, k, v = query(h)[:, 0], key(h)[:, 0], value(h)[:, 0]  # [B, H, d]
+            self.keys[layer][:, t].assign(tf.transpose(tf.cast(k, self.dtype), [1, 0, 2]))
+            self.values[layer][:, t].assign(tf.transpose(tf.cast(v, self.dtype), [1, 0, 2]))
+            attended = tf.cast(self._attend(layer, q, t), x.dtype)
+            x = x + output(attended[:, None])
+            x = x + block.ffn_out(block.ffn_in(block.ffn_norm(x)))
+        return model.head(model.final_norm(x))[:, 0]
+
+    @tf.function(reduce_retracing=True)
+    def _run(self, forced, use_forced, temperature, seed):
+        """Decodes all T positions; position t takes forced[:, t] where use_forced[t], else a
+        sample. Returns (tokens [B, T], logits [B, T, V])."""
+        T = self.config.seq_len
+        tokens = tf.TensorArray(tf.int32, size=T)
+        logits_all = tf.TensorArray(tf.float32, size=T)
+        previous = tf.fill([self.batch_size], self.model.start_token)
+        for t in tf.range(T):
+            logits = self._step(previous, t)
+            scaled = logits / tf.maximum(temperature, 1e-6)
+            drawn = tf.random.stateless_categorical(
+                scaled, 1, seed=tf.stack([seed, tf.cast(t, tf.int64)]), dtype=tf.int32)[:, 0]
+            greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            drawn = tf.where(temperature > 0, drawn, greedy)
+            token = tf.where(use_forced[t], forced[:, t], drawn)
+            tokens = tokens.write(t, token)
+            logits_all = logits_all.write(t, logits)
+            previous = token
+        return (tf.transpose(tokens.stack(), [1, 0]),
+                tf.transpose(logits_all.stack(), [1, 0, 2]))
+
+    def _check_tokens(self, tokens, what):
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.ndim != 2 or tokens.shape[0] != self.batch_size:
+            raise ValueError(f"{what} must be [batch={self.batch_size}, length], got "
+                             f"{tokens.shape}")
+        if tokens.shape[1] > self.config.seq_len:
+            raise ValueError(f"{what} has {tokens.shape[1]} positions; the model takes at most "
+                             f"{self.config.seq_len}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"{what} holds tokens outside [0, {self.config.vocab_size})")
+        return tokens
+
+    def sample(self, temperature: float = 1.0, seed: int = 0, prompt=None) -> np.ndarray:
+        """Samples [batch, T] tokens; `prompt` [batch, n] fixes the first n (temperature 0:
+        greedy)."""
+        T = self.config.seq_len
+        forced = np.zeros([self.batch_size, T], np.int32)
+        use = np.zeros([T], bool)
+        if prompt is not None:
+            prompt = self._check_tokens(prompt, "prompt")
+            forced[:, :prompt.shape[1]] = prompt
+            use[:prompt.shape[1]] = True
+        tokens, _ = self._run(tf.constant(forced), tf.constant(use),
+                              tf.constant(float(temperature)), tf.constant(int(seed), tf.int64))
+        return tokens.numpy()
+
+    def logits_of(self, tokens) -> np.ndarray:
+        """Step-by-step cached logits of given tokens [batch, T] (teacher forcing)."""
+        tokens = self._check_tokens(tokens, "tokens")
+        if tokens.shape[1] != self.config.seq_len:
+            raise ValueError(f"tokens must have all {self.config.seq_len} positions")
+        _, logits = self._run(tf.constant(tokens), tf.ones([self.config.seq_len], tf.bool),
+                              tf.constant(1.0), tf.constant(0, tf.int64))
+        return logits.numpy()
+
+
+# ---------------------------------------------------------------------------------- writing
+
+def image_grid(tokens, image_shape) -> np.ndarray:
+    """[N, H*W*C] tokens -> one uint8 [rows*H, cols*W, C] grid, as square as it gets."""
+    tokens = np.asarray(tokens)
+    images = tokens.reshape((-1,) + tuple(image_shape)).astype(np.uint8)
+    n = images.shape[0]
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    h, w, c = image_shape
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = image
+    return grid
+
+
+def write_samples(tokens, task: str, output_path: str, *, image_shape=None,
+                  encoding: str = "mulaw", sample_rate: int = 16000) -> list[str]:
+    """Writes samples by task: images as one PNG grid, audio as WAV files (one per sample),
+    bytes as text. `output_path` is the file stem; returns the paths written."""
+    from tf_sparse_attn.models import data  # pylint: disable=import-outside-toplevel
+
+    tokens = np.asarray(tokens)
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    if task in ("cifar10", "imagenet64"):
+        path = output_path + ".png"
+        grid = image_grid(tokens, image_shape)
+        tf.io.write_file(path, tf.io.encode_png(grid))
+        return [path]
+    if task == "audio":
+        paths = []
+        for i, row in enumerate(tokens):
+            path = f"{output_path}_{i}.wav"
+            data.write_wav(path, data.decode_audio(row, encoding).numpy(), sample_rate)
+            paths.append(path)
+        return paths
+    path = output_path + ".txt"
+    with open(path, "wb") as f:
+        for i, row in enumerate(tokens):
+            if i:
+                f.write(b"\n\n" + b"=" * 72 + b"\n\n")
+            f.write(bytes(np.asarray(row, np.uint8)))
+    return [path]
