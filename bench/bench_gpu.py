@@ -5,8 +5,8 @@
 bf16, batch 2, 8 heads, head_dim 64 and 128, T = 4096, 16384, 65536; patterns dense causal,
 local (w=128), strided (l=128, in the reordered token order, so the reorder copy is not timed)
 and fixed (l=128, c=32). Times are medians over several input sets rotated between calls (so
-repeated calls do not run out of L2), after warm-up, of graph-mode calls (tf.function) so that
-eager dispatch stays out of the numbers. Useful TFLOP/s counts only the attended pairs: 4*d
+repeated calls do not run out of L2), after warm-up, of batches of graph-mode calls
+(tf.function) with one synchronisation per batch, so that dispatch overlaps the kernels. Useful TFLOP/s counts only the attended pairs: 4*d
 FLOPs per pair forward, 14*d forward+backward.
 
 When torch imports, a subprocess (TensorFlow and PyTorch do not share one process here, each
@@ -59,20 +59,23 @@ def build_layout(pattern, length):
     return BlockLayout.fixed(length, bs, STRIDE, SUMMARY)
 
 
-def median_ms(fn, sync, budget_s=0.4, min_reps=3, max_reps=30):
+def median_ms(fn, sync, batches=5, batch_s=0.02):
+    """Median over batches of back-to-back calls, one synchronisation per batch: per-call
+    synchronisation would time the host round trip instead of the kernels."""
     fn()
     sync()
     start = time.perf_counter()
     fn()
     sync()
     once = time.perf_counter() - start
-    reps = int(min(max_reps, max(min_reps, budget_s / max(once, 1e-6))))
+    calls = int(min(50, max(1, batch_s / max(once, 1e-6))))
     times = []
-    for _ in range(reps):
+    for _ in range(batches):
         start = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / calls)
     return 1e3 * float(np.median(times))
 
 

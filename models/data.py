@@ -147,8 +147,13 @@ def stream_dataset(data: np.ndarray, seq_len: int, batch_size: int, *, train: bo
 
 # ----------------------------------------------------------------------------------- images
 
-def image_tokens(image):
-    """A [H, W, C] uint8 image as H*W*C int32 tokens in row, column, channel order."""
+IMAGE_SHAPES = {"cifar10": (32, 32, 3), "imagenet64": (64, 64, 3)}
+
+
+def image_tokens(image, shape):
+    """A [H, W, C] uint8 image as H*W*C int32 tokens in row, column, channel order. An image
+    of another size is centre-cropped or padded to `shape` (the prepared datasets never are)."""
+    image = tf.image.resize_with_crop_or_pad(image, shape[0], shape[1])
     return tf.reshape(tf.cast(image, tf.int32), [-1])
 
 
@@ -165,7 +170,8 @@ def image_dataset(task: str, seq_len: int, batch_size: int, *, train: bool,
             OSError) as error:
         raise DataError(f"TFDS {name!r} is not prepared under data_dir={data_dir!r}; prepare "
                         f"it with `tfds build {name} --data_dir DIR` ({error})") from error
-    ds = ds.map(lambda ex: image_tokens(ex["image"]), num_parallel_calls=tf.data.AUTOTUNE)
+    shape = IMAGE_SHAPES[task]
+    ds = ds.map(lambda ex: image_tokens(ex["image"], shape), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x: tf.ensure_shape(x, [seq_len]))
     if train:
         ds = ds.shuffle(4096, seed=seed).repeat()

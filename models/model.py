@@ -19,8 +19,8 @@ it.
 >>> import numpy as np
 >>> from tf_sparse_attn.models import build_model, get_config
 >>> model = build_model(get_config("tiny").model)
->>> model(np.zeros([2, 64], np.int32)).shape
-TensorShape([2, 64, 256])
+>>> model(np.zeros([2, 128], np.int32)).shape
+TensorShape([2, 128, 256])
 """
 
 from __future__ import annotations
@@ -52,27 +52,50 @@ class ScaledInitializer(keras.initializers.Initializer):
         return {"base": keras.initializers.serialize(self.base), "scale": self.scale}
 
 
-def default_implementation() -> str:
-    from tf_sparse_attn._load import op_library_available  # pylint: disable=import-outside-toplevel
-    return "op" if op_library_available() else "portable"
+@keras.saving.register_keras_serializable(package="tf_sparse_attn")
+class CausalMultiHeadAttention(keras.layers.MultiHeadAttention):
+    """`keras.layers.MultiHeadAttention` as causal self-attention with the library layers'
+    interface: the dense T x T baseline the sparse layers are measured against."""
+
+    def build(self, query_shape, value_shape=None, key_shape=None):
+        super().build(query_shape, value_shape or query_shape, key_shape)
+
+    def call(self, query, value=None, key=None, training=None, **kwargs):
+        value = query if value is None else value
+        return super().call(query, value, key, training=training, use_causal_mask=True,
+                            **kwargs)
+
+    # The projections under the names the sampler and the init scaling use.
+    query_dense = property(lambda self: self._query_dense)
+    key_dense = property(lambda self: self._key_dense)
+    value_dense = property(lambda self: self._value_dense)
+    output_dense = property(lambda self: self._output_dense)
 
 
 def make_attention(kind: str, config: ModelConfig, name: str | None = None):
     """The library layer for one attention kind (see config.ATTENTION_KINDS)."""
     from tf_sparse_attn import layers  # pylint: disable=import-outside-toplevel
 
+    if kind == "mha":
+        return CausalMultiHeadAttention(
+            num_heads=config.num_heads, key_dim=config.head_dim, dropout=0.0,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=config.init_scale),
+            name=name)
+
     common = dict(num_heads=config.num_heads, key_dim=config.head_dim,
                   block_size=config.block_size, causal=True, dropout=0.0,
-                  implementation=config.implementation or default_implementation(),
+                  implementation=config.implementation,
+                  # The layers build layouts per length; an unknown length (a serving
+                  # signature) takes the configured one.
+                  max_length=config.seq_len,
                   kernel_initializer=keras.initializers.RandomNormal(stddev=config.init_scale),
                   name=name)
     if kind == "dense":
         return layers.SparseMultiHeadAttention(pattern="dense", **common)
     if kind == "local":
-        return layers.SparseMultiHeadAttention(pattern="local", window=config.local_window,
-                                               **common)
+        return layers.LocalAttention(window=config.local_window, **common)
     if kind == "strided":
-        return layers.SparseMultiHeadAttention(pattern="strided", stride=config.stride, **common)
+        return layers.StridedAttention(stride=config.stride, combine="strided", **common)
     if kind in ("strided_merged", "strided_split"):
         return layers.StridedAttention(stride=config.stride, combine=kind.split("_")[1],
                                        **common)
@@ -84,20 +107,6 @@ def make_attention(kind: str, config: ModelConfig, name: str | None = None):
     raise ValueError(f"unknown attention kind {kind!r}")
 
 
-def output_projection_kernel(attention):
-    """The kernel of an attention layer's output projection (scaled at init by 1/sqrt(2N))."""
-    for attr in ("output_dense", "_output_dense", "output_projection", "_output_projection"):
-        sub = getattr(attention, attr, None)
-        if sub is not None and getattr(sub, "kernel", None) is not None:
-            return sub.kernel
-    candidates = [v for v in attention.weights
-                  if "output" in v.path and v.path.endswith("kernel")]
-    if len(candidates) != 1:
-        raise ValueError(f"cannot find the output projection of {attention.name} among "
-                         f"{[v.path for v in attention.weights]}")
-    return candidates[0]
-
-
 def _dropout(x, rate, seed):
     # Stateless, so a recomputed block draws the same mask from the same seed.
     return tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
@@ -107,8 +116,8 @@ def _dropout(x, rate, seed):
 class TransformerBlock(keras.layers.Layer):
     """One pre-LayerNorm residual block: attention then a GELU feed-forward of width 4d.
 
-    call(x, training=None, seed=None): seed, an int [2] tensor, fixes the dropout masks (drawn
-    from the block's own generator when None)."""
+    call(x, training=None, seed=None): seed, an int [2] tensor, fixes the dropout masks (the
+    block's own seed, advanced once per training call, when None)."""
 
     def __init__(self, config: ModelConfig, kind: str, **kwargs):
         super().__init__(**kwargs)
@@ -127,8 +136,6 @@ class TransformerBlock(keras.layers.Layer):
             normal, depth_scale), name="ffn_out")
         self.depth_scale = depth_scale
         self.rate = float(config.dropout)
-        self.seed_generator = keras.random.SeedGenerator(
-            seed=None, name="dropout_seed") if self.rate > 0 else None
 
     def build(self, input_shape):
         d = self.config.d_model
@@ -136,12 +143,19 @@ class TransformerBlock(keras.layers.Layer):
         self.ffn_norm.build((None, None, d))
         self.ffn_in.build((None, None, d))
         self.ffn_out.build((None, None, self.config.ffn_multiplier * d))
-        # The attention layer builds on a first call; a one-token probe keeps it cheap at any
-        # configured length, then the output projection takes the depth scaling.
-        with tf.init_scope():
-            self.attention(tf.zeros([1, 1, d], self.compute_dtype))
-            kernel = output_projection_kernel(self.attention)
-            kernel.assign(kernel * self.depth_scale)
+        self.attention.build((None, None, d))
+        if self.rate > 0:
+            # [stream, counter]: the dropout seed of the next training call. A weight rather
+            # than a SeedGenerator so that checkpoints and backups carry it, and a resumed run
+            # draws the masks an uninterrupted one would.
+            self.dropout_seed = self.add_weight(
+                name="dropout_seed", shape=(2,), dtype="int64", trainable=False,
+                initializer=keras.initializers.Constant(
+                    [int(np.random.randint(0, 2 ** 31 - 1)), 0]))
+        # The attention layer takes one initializer for all its projections; the output one
+        # then takes the depth scaling.
+        kernel = self.attention.output_dense.kernel
+        kernel.assign(kernel * self.depth_scale)
         self.built = True
 
     def _residual(self, x, training, seed):
@@ -157,7 +171,7 @@ class TransformerBlock(keras.layers.Layer):
     def call(self, x, training=None, seed=None):
         if training and self.rate > 0:
             if seed is None:
-                seed = self.seed_generator.next()
+                seed = self.dropout_seed.assign_add(tf.constant([0, 1], tf.int64))
             seed = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
         else:
             seed = None

@@ -12,7 +12,7 @@ max-keys-per-query cached entries: O(sqrt(T)) work per step for the factorized p
 >>> model = build_model(get_config("tiny").model)
 >>> tokens = Sampler(model, batch_size=2).sample(temperature=1.0, seed=0)
 >>> tokens.shape
-(2, 64)
+(2, 128)
 """
 
 from __future__ import annotations
@@ -24,90 +24,69 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tf_sparse_attn.layouts import BlockLayout
-from tf_sparse_attn.models.config import ModelConfig
 
 
 # ------------------------------------------------------------------------------ key tables
 
-def _kind_layouts(kind: str, m: ModelConfig):
-    """Per attention head, the list of layouts whose token sets the head attends (a union)."""
-    T, b, heads = m.seq_len, m.block_size, m.num_heads
-    local = lambda: BlockLayout.local(T, b, m.local_window)  # noqa: E731
-    strided = lambda: BlockLayout.strided(T, b, m.stride)  # noqa: E731
-
-    def fixed(part):
-        return BlockLayout.fixed(T, b, m.stride, m.summary, num_heads=heads,
-                                 num_summary_groups=m.num_summary_groups, part=part)
-
-    half = heads // 2
-    if kind == "dense":
+def head_layouts(attention, seq_len: int):
+    """Per attention head, the layouts whose token sets (united) that head attends, read from
+    the layer itself (`layouts_for`); None when the layer is dense (every j <= t)."""
+    if not hasattr(attention, "layouts_for"):  # keras.layers.MultiHeadAttention: causal dense
         return None
-    if kind == "local":
-        return [[local()]] * heads
-    if kind == "strided":
-        return [[strided()]] * heads
-    if kind == "strided_merged":
-        return [[local(), strided()]] * heads
-    if kind == "strided_split":
-        return [[local()]] * half + [[strided()]] * (heads - half)
-    if kind == "fixed":
-        return [[fixed("both")]] * heads
-    if kind == "fixed_block":
-        return [[fixed("block")]] * heads
-    if kind == "fixed_summary":
-        return [[fixed("summary")]] * heads
-    if kind == "fixed_split":
-        return [[fixed("block")]] * half + [[fixed("summary")]] * (heads - half)
-    raise ValueError(f"unknown attention kind {kind!r}")
+    layouts = attention.layouts_for(seq_len)
+    heads = attention.num_heads
+    if len(layouts) == 1:
+        if layouts[0].description == "dense":
+            return None
+        return [[layouts[0]]] * heads
+    if getattr(attention, "combine", None) == "split":
+        # The split layers give the first ceil(heads / 2) heads the first pass.
+        first = (heads + 1) // 2
+        return [[layouts[0]]] * first + [[layouts[1]]] * (heads - first)
+    return [list(layouts)] * heads
 
 
-@functools.lru_cache(maxsize=16)
-def key_table(kind: str, m: ModelConfig):
-    """int32 [T, heads, max_keys]: the natural-order key positions of every query and head,
-    padded with -1; None for dense (every j <= t)."""
-    layouts = _kind_layouts(kind, m)
-    if layouts is None:
+_TABLES = {}
+
+
+def key_table(attention, seq_len: int):
+    """int32 [seq_len, heads, max_keys]: the natural-order key positions of every query and
+    head of an attention layer, padded with -1; None for a dense layer. Cached per layout."""
+    per_head = head_layouts(attention, seq_len)
+    if per_head is None:
         return None
-    T = m.seq_len
-    # Heads that share their layouts share a key list; compute each distinct one once.
-    distinct = {}
-    for head, parts in enumerate(layouts):
-        signature = tuple((id(p), head if p.num_heads > 1 else 0) for p in parts)
-        distinct.setdefault(signature, []).append(head)
-    per_signature = {}
-    for signature, heads in distinct.items():
-        parts, head = layouts[heads[0]], heads[0]
+    # Heads with the same layouts (and, for per-head layouts, the same head) share a list.
+    signatures = [tuple((id(p), head if p.num_heads > 1 else 0) for p in parts)
+                  for head, parts in enumerate(per_head)]
+    cache_key = (seq_len, tuple(signatures))
+    if cache_key in _TABLES:
+        return _TABLES[cache_key][0]
+    keys_by_signature = {}
+    for head, (signature, parts) in enumerate(zip(signatures, per_head)):
+        if signature in keys_by_signature:
+            continue
         keys = []
-        for t in range(T):
+        for t in range(seq_len):
             sets = [p.keys_of(t, head if p.num_heads > 1 else 0) for p in parts]
-            keys.append(sets[0] if len(sets) == 1 else functools.reduce(np.union1d, sets))
-        per_signature[signature] = keys
-    width = max(len(k) for keys in per_signature.values() for k in keys)
-    table = np.full((T, m.num_heads, width), -1, np.int32)
-    for signature, heads in distinct.items():
-        for t, keys in enumerate(per_signature[signature]):
-            table[t, heads, :len(keys)] = keys
+            keys.append(functools.reduce(np.union1d, sets) if len(sets) > 1 else sets[0])
+        keys_by_signature[signature] = keys
+    width = max(1, max(len(k) for keys in keys_by_signature.values() for k in keys))
+    table = np.full((seq_len, len(per_head), width), -1, np.int32)
+    for head, signature in enumerate(signatures):
+        for t, keys in enumerate(keys_by_signature[signature]):
+            table[t, head, :len(keys)] = keys
+    # The layouts stay referenced beside the table, so their ids in the key stay theirs.
+    _TABLES[cache_key] = (table, per_head)
     return table
 
 
 # ------------------------------------------------------------------- attention projections
 
-def _find(layer, names):
-    for name in names:
-        sub = getattr(layer, name, None)
-        if sub is not None:
-            return sub
-    raise AttributeError(f"{type(layer).__name__} has none of {names}: the cached sampler needs "
-                         "the attention layer's query, key, value and output projections")
-
-
 def attention_projections(attention):
-    """(query, key, value, output) callables of an attention layer: [B, t, d] -> [B, t, H, dh]
+    """(query, key, value, output) sub-layers of an attention layer: [B, t, d] -> [B, t, H, dh]
     and [B, t, H, dv] -> [B, t, d]."""
-    return tuple(_find(attention, (f"{part}_dense", f"_{part}_dense",
-                                   f"{part}_projection", f"_{part}_projection"))
-                 for part in ("query", "key", "value", "output"))
+    return (attention.query_dense, attention.key_dense, attention.value_dense,
+            attention.output_dense)
 
 
 # ---------------------------------------------------------------------------------- sampler
@@ -127,8 +106,8 @@ class Sampler:
         self.batch_size = int(batch_size)
         self.dtype = model.compute_dtype
         self.tables = []
-        for kind in m.layer_kinds():
-            table = key_table(kind, m)
+        for block in model.blocks:
+            table = key_table(block.attention, m.seq_len)
             self.tables.append(None if table is None else tf.constant(table))
         head_dim = m.head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -155,7 +134,10 @@ class Sampler:
             v = tf.gather(values, index, axis=1, batch_dims=1)
         scores = tf.einsum("bhd,hkbd->bhk", tf.cast(q, tf.float32), tf.cast(k, tf.float32))
         scores = tf.where(valid, scores * self.scale, float("-inf"))
-        probs = tf.nn.softmax(scores, axis=-1)
+        # A query with no key at all (a summary-only head early in a stride-block) gets zeros,
+        # as in the attention ops, rather than the NaN of a softmax over nothing.
+        probs = tf.where(tf.reduce_any(valid, axis=-1, keepdims=True),
+                         tf.nn.softmax(scores, axis=-1), 0.0)
         return tf.einsum("bhk,hkbd->bhd", probs, tf.cast(v, tf.float32))
 
     def _step(self, token, t):

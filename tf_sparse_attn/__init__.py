@@ -10,11 +10,21 @@ TensorShape([2, 300, 64])
 from tf_sparse_attn._load import op_library_available
 from tf_sparse_attn.layouts import BlockLayout, make_layout
 from tf_sparse_attn.ops import merge_attention, sparse_attention
+from tf_sparse_attn.layers import (FixedAttention, LocalAttention, SparseMultiHeadAttention,
+                                   StridedAttention)
 
 __version__ = "0.1.0"
 
+# Importing the package registers the op with TensorFlow when the library is there, so that
+# a SavedModel exported with implementation="op" loads after `import tf_sparse_attn`.
+op_library_available()
+
 __all__ = [
     "BlockLayout",
+    "FixedAttention",
+    "LocalAttention",
+    "SparseMultiHeadAttention",
+    "StridedAttention",
     "make_layout",
     "merge_attention",
     "op_library_available",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -110,7 +111,7 @@ def portable_sparse_attention(q, k, v, layout: BlockLayout, causal: bool = True,
     _check_arguments(q, k, v, layout, causal)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    dtype = q.dtype
+    dtype = keras.backend.standardize_dtype(q.dtype)
     heads, head_dim, value_dim = q.shape[2], q.shape[3], v.shape[3]
     b, nb, padded = layout.block_size, layout.num_query_blocks, layout.seq_len
     time = _time_of(q)
@@ -224,7 +225,7 @@ def merge_attention(out1, lse1, out2, lse2):
     >>> np.asarray(o)[0, 0, 0].tolist()
     [0.5, 0.5]
     """
-    dtype = ops.convert_to_tensor(out1).dtype
+    dtype = keras.backend.standardize_dtype(ops.convert_to_tensor(out1).dtype)
     lse1, lse2 = ops.cast(lse1, "float32"), ops.cast(lse2, "float32")
     peak = ops.maximum(lse1, lse2)
     peak = ops.where(ops.isfinite(peak), peak, 0.0)

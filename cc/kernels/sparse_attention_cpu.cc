@@ -4,15 +4,18 @@
 // Speed comes from two things. First, every operand is repacked once per call into float32
 // blocks laid out for the block products (K^T as [head_dim, block], V as [block, value_dim] and
 // so on), so the inner loops are contiguous broadcast-multiply-adds whatever the input dtype
-// and the [batch, time, heads, dim] strides. Second, the compute kernels are compiled three
-// times (AVX-512, AVX2+FMA, baseline SSE2) with GCC vector extensions and chosen at run time,
-// because the op library is built without -march flags and must still load on any x86-64.
+// and the [batch, time, heads, dim] strides. Second, on x86-64 the compute kernels are compiled
+// three times (AVX-512, AVX2+FMA, baseline SSE2) with GCC vector extensions and chosen at run
+// time, because the op library is built without -march flags and must still load on any CPU.
 #include "cc/kernels/sparse_attention_cpu.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
+#include <memory>
 #include <vector>
 
 // Vector types wider than the baseline ISA appear only inside always-inline helpers that are
@@ -102,7 +105,7 @@ TSA_INLINE typename Vec<W>::V VLoad(const float* ptr) {
 }
 
 template <int W>
-TSA_INLINE void VStore(float* ptr, typename Vec<W>::V v) {
+TSA_INLINE void VStore(float* ptr, const typename Vec<W>::V& v) {
   *reinterpret_cast<typename Vec<W>::VU*>(ptr) = v;
 }
 
@@ -115,7 +118,7 @@ TSA_INLINE typename Vec<W>::V VSplat(float x) {
 // below -87.3 (where float leaves its normal range) and for -inf it returns exactly 0, so
 // masked scores contribute nothing.
 template <int W>
-TSA_INLINE typename Vec<W>::V VExp(typename Vec<W>::V x) {
+TSA_INLINE typename Vec<W>::V VExp(const typename Vec<W>::V& x) {
   typedef typename Vec<W>::V V;
   typedef typename Vec<W>::VI VI;
   const V lo = VSplat<W>(-87.33654f);
@@ -536,6 +539,8 @@ TSA_INLINE void DkdvUnitBody(const Packed& pk, int g, int kb, float* st, float* 
 
 // The three builds of the compute kernels. The target attribute makes GCC generate the
 // always-inline bodies (and the vector extensions in them) for that instruction set.
+#if defined(__x86_64__) || defined(__i386__)
+#define TSA_X86 1
 #define TSA_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi2"
 #define TSA_AVX2 "avx2,fma,f16c,bmi2"
 
@@ -550,11 +555,13 @@ __attribute__((target(TSA_AVX2))) void ForwardUnitAvx2(const Packed& pk, int g, 
                                                         float* sm, float* o, float* lse) {
   ForwardUnitBody<8, 4>(pk, g, qb, qp, s, mx, sm, o, lse);
 }
+#endif  // TSA_X86
 void ForwardUnitGeneric(const Packed& pk, int g, int qb, const float* qp, float* s, float* mx,
                         float* sm, float* o, float* lse) {
   ForwardUnitBody<4, 4>(pk, g, qb, qp, s, mx, sm, o, lse);
 }
 
+#ifdef TSA_X86
 __attribute__((target(TSA_AVX512))) void DqUnitAvx512(const Packed& pk, int g, int qb, float* s,
                                                        float* dp, float* dq) {
   DqUnitBody<16, 8>(pk, g, qb, s, dp, dq);
@@ -563,10 +570,12 @@ __attribute__((target(TSA_AVX2))) void DqUnitAvx2(const Packed& pk, int g, int q
                                                    float* dp, float* dq) {
   DqUnitBody<8, 4>(pk, g, qb, s, dp, dq);
 }
+#endif  // TSA_X86
 void DqUnitGeneric(const Packed& pk, int g, int qb, float* s, float* dp, float* dq) {
   DqUnitBody<4, 4>(pk, g, qb, s, dp, dq);
 }
 
+#ifdef TSA_X86
 __attribute__((target(TSA_AVX512))) void DkdvUnitAvx512(const Packed& pk, int g, int kb,
                                                          float* st, float* dpt, float* dk,
                                                          float* dv) {
@@ -576,6 +585,7 @@ __attribute__((target(TSA_AVX2))) void DkdvUnitAvx2(const Packed& pk, int g, int
                                                      float* dpt, float* dk, float* dv) {
   DkdvUnitBody<8, 4>(pk, g, kb, st, dpt, dk, dv);
 }
+#endif  // TSA_X86
 void DkdvUnitGeneric(const Packed& pk, int g, int kb, float* st, float* dpt, float* dk,
                      float* dv) {
   DkdvUnitBody<4, 4>(pk, g, kb, st, dpt, dk, dv);
@@ -590,16 +600,23 @@ struct Kernels {
 
 const Kernels& SelectKernels() {
   static const Kernels kernels = [] {
+#ifdef TSA_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+    // Lets tests run the narrower builds on a machine that has the wider ones.
+    const char* cap = std::getenv("TF_SPARSE_ATTN_CPU_ISA");
+    const std::string limit = cap ? cap : "";
+    const bool allow_avx512 = limit.empty() || limit == "avx512";
+    const bool allow_avx2 = allow_avx512 || limit == "avx2";
+    if (allow_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
       return Kernels{ForwardUnitAvx512, DqUnitAvx512, DkdvUnitAvx512, "avx512"};
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+    if (allow_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2")) {
       return Kernels{ForwardUnitAvx2, DqUnitAvx2, DkdvUnitAvx2, "avx2"};
     }
+#endif  // TSA_X86
     return Kernels{ForwardUnitGeneric, DqUnitGeneric, DkdvUnitGeneric, "generic"};
   }();
   return kernels;
@@ -699,12 +716,12 @@ void Forward(const SparseAttentionParams& p, const ParallelFor& parallel_for) {
   T* out = static_cast<T*>(p.out);
   const int64_t block_cycles = static_cast<int64_t>(bs) * bs * (d + dv) / 4;
 
-  std::vector<float> kt(static_cast<int64_t>(group) * p.kv_len * d);
-  std::vector<float> vp(static_cast<int64_t>(group) * p.kv_len * dv);
+  // Every element is written by the packing pass before it is read: no zero-fill.
+  std::unique_ptr<float[]> buffer(new float[static_cast<int64_t>(group) * p.kv_len * (d + dv)]);
   Packed pk;
   pk.p = &p;
-  pk.kt = kt.data();
-  pk.vp = vp.data();
+  pk.kt = buffer.get();
+  pk.vp = pk.kt + static_cast<int64_t>(group) * p.kv_len * d;
 
   for (int64_t bh0 = 0; bh0 < pairs; bh0 += group) {
     const int g_count = static_cast<int>(std::min<int64_t>(group, pairs - bh0));
@@ -773,10 +790,10 @@ void Backward(const SparseAttentionParams& p, const ParallelFor& parallel_for) {
 
   const int64_t gk = static_cast<int64_t>(group) * p.kv_len;
   const int64_t gq = static_cast<int64_t>(group) * p.q_len;
-  std::vector<float> buffer(2 * gk * (d + dv) + 2 * gq * (d + dv + 1));
+  std::unique_ptr<float[]> buffer(new float[2 * gk * (d + dv) + 2 * gq * (d + dv + 1)]);
   Packed pk;
   pk.p = &p;
-  float* cursor = buffer.data();
+  float* cursor = buffer.get();
   pk.kt = cursor; cursor += gk * d;
   pk.kp = cursor; cursor += gk * d;
   pk.vp = cursor; cursor += gk * dv;

@@ -29,6 +29,7 @@ void SparseAttentionForward(const SparseAttentionParams& p, const ParallelFor& p
 void SparseAttentionBackward(const SparseAttentionParams& p, const ParallelFor& parallel_for);
 
 // The instruction set the kernels dispatch to on this machine: "avx512", "avx2" or "generic".
+// The environment variable TF_SPARSE_ATTN_CPU_ISA ("avx2" or "generic"), read once, caps it.
 const char* SparseAttentionCpuIsa();
 
 }  // namespace cpu

@@ -206,7 +206,8 @@ __global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionPar
   T* sV = sK + 2 * KN * S;
   float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
 
-  const int tile = blockIdx.x, bh = blockIdx.y;
+  // Causal rows late in the sequence carry the most work: start them first.
+  const int tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -393,7 +394,8 @@ __global__ void __launch_bounds__(128) MmaDqKernel(const SparseAttentionParams p
   T* sV = sK + 2 * KN * S;
   float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
 
-  const int tile = blockIdx.x, bh = blockIdx.y;
+  // Causal rows late in the sequence carry the most work: start them first.
+  const int tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -779,7 +781,8 @@ template <ElementType E>
 __global__ void __launch_bounds__(256) SimtForwardKernel(const SparseAttentionParams p,
                                                           const TileWork w) {
   using T = typename Elem<E>::T;
-  const int tile = blockIdx.x, bh = blockIdx.y;
+  // Causal rows late in the sequence carry the most work: start them first.
+  const int tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -840,7 +843,8 @@ template <ElementType E>
 __global__ void __launch_bounds__(256) SimtDqKernel(const SparseAttentionParams p,
                                                      const TileWork w) {
   using T = typename Elem<E>::T;
-  const int tile = blockIdx.x, bh = blockIdx.y;
+  // Causal rows late in the sequence carry the most work: start them first.
+  const int tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

@@ -66,6 +66,21 @@ Status CheckInt32(int64_t value, const char* what) {
   return ::tensorflow::OkStatus();
 }
 
+// Like CheckInt32 on a * b * c, without overflowing int64 on the way: a tensor with no
+// elements may have dimensions whose product exceeds any integer type.
+Status CheckProductInt32(int64_t a, int64_t b, int64_t c, const char* what) {
+  int64_t product = 1;
+  for (int64_t factor : {a, b, c}) {
+    if (factor > kInt32Max || product * factor > kInt32Max) {
+      return InvalidArgument(what, " = ", a, " * ", b, " * ", c,
+                             " does not fit in a 32-bit integer (max ", kInt32Max,
+                             "), which the kernels use for offsets inside one batch item");
+    }
+    product *= factor;
+  }
+  return ::tensorflow::OkStatus();
+}
+
 // Checks one compressed layout (CSR or CSC): `offsets` holds groups * per_head + 1 entries, or
 // per_head + 1 when the layout is shared by all heads; `indices` entries lie in [0, extent) and
 // strictly increase inside each group; `flags` has one entry per index and uses bit 0 only.
@@ -249,12 +264,13 @@ Status ValidateForwardInputs(OpKernelContext* ctx, const AttentionAttrs& attrs,
 
   // Positions, dimensions and offsets inside one batch item are 32-bit in the kernels.
   TF_RETURN_IF_ERROR(CheckInt32(batch, "batch (dimension 0 of q)"));
-  TF_RETURN_IF_ERROR(CheckInt32(q_len * heads * head_dim, "q_len * heads * head_dim of q"));
-  TF_RETURN_IF_ERROR(CheckInt32(kv_len * heads * head_dim, "kv_len * heads * head_dim of k"));
-  TF_RETURN_IF_ERROR(CheckInt32(kv_len * heads * value_dim, "kv_len * heads * value_dim of v"));
-  TF_RETURN_IF_ERROR(CheckInt32(q_len * heads * value_dim, "q_len * heads * value_dim of out"));
-  // window and min_distance are compared with |i - j| <= max(q_len, kv_len); larger values
-  // are fine (they are clamped in meaning, not in arithmetic).
+  TF_RETURN_IF_ERROR(CheckProductInt32(q_len, heads, head_dim, "q_len * heads * head_dim of q"));
+  TF_RETURN_IF_ERROR(CheckProductInt32(kv_len, heads, head_dim, "kv_len * heads * head_dim of k"));
+  TF_RETURN_IF_ERROR(
+      CheckProductInt32(kv_len, heads, value_dim, "kv_len * heads * value_dim of v"));
+  TF_RETURN_IF_ERROR(
+      CheckProductInt32(q_len, heads, value_dim, "q_len * heads * value_dim of out"));
+  // window and min_distance need no upper bound: they are only compared with distances.
 
   if (key_bias.NumElements() != 0) {
     TF_RETURN_IF_ERROR(CheckRank(key_bias, "key_bias", 2,

@@ -12,9 +12,9 @@ __all__ = ["LocalAttention"]
 @keras.saving.register_keras_serializable(package="tf_sparse_attn")
 class LocalAttention(SparseMultiHeadAttention):
     """Sliding-window self-attention: query i attends keys i - window < j <= i (causal), or
-    |i - j| < window (bidirectional), i.e. `window` keys including itself. The paper's first
-    factorized head A(1) with stride l is `window=l` in this convention (the reference
-    implementation's `local_attn_ctx`); the formula i - l <= j <= i would be `window=l + 1`.
+    |i - j| < window (bidirectional), i.e. `window` keys including itself. The local factor of
+    `StridedAttention(stride=l)` is `window=l`, as the reference implementation's
+    `local_attn_ctx`; the paper writes its A(1) as i - l <= j <= i, which is `window=l + 1`.
 
     Cost per query: about `window + block_size` keys, whatever the sequence length. All the
     arguments of `SparseMultiHeadAttention` but `pattern` apply.

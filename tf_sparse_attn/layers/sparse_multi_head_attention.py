@@ -220,6 +220,10 @@ class SparseMultiHeadAttention(keras.layers.Layer):
         if self._implementation == "op":
             # XLA cannot compile a custom op: model.fit's jit_compile="auto" then stays off.
             self.supports_jit = False
+            if self.compute_dtype not in ("float16", "bfloat16", "float32"):
+                raise ValueError(f"implementation='op' computes in float16, bfloat16 or float32, "
+                                 f"not in the dtype policy's {self.compute_dtype}; use another "
+                                 "dtype or implementation='portable'")
         self._kernel_initializer = initializers.get(kernel_initializer)
         self._bias_initializer = initializers.get(bias_initializer)
         self._kernel_regularizer = regularizers.get(kernel_regularizer)
@@ -473,6 +477,10 @@ class SparseMultiHeadAttention(keras.layers.Layer):
             raise ValueError(
                 f"{self.__class__.__name__} cannot return attention scores "
                 "(return_attention_scores=True): the fused kernel never forms them")
+        # Keras fills query_mask / value_mask / key_mask from the inputs' masks only when
+        # two or more tensors are passed; a lone query's mask is read here.
+        if query_mask is None:
+            query_mask = get_keras_mask(query)
         if value is None:
             value = query
             if value_mask is None:
@@ -481,7 +489,6 @@ class SparseMultiHeadAttention(keras.layers.Layer):
             key = value
         self._check_shapes(tuple(query.shape), tuple(value.shape), tuple(key.shape))
         # The masks are applied here; the projections must not see (and drop) them.
-        query_mask = get_keras_mask(query) if query_mask is None else query_mask
         for tensor in (query, value, key):
             set_keras_mask(tensor, None)
 

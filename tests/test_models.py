@@ -1,0 +1,289 @@
+"""The Sparse Transformer model: configs, factorized embeddings, init scaling, recomputation,
+cached sampling and SavedModel export. Tiny configurations only."""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import _models_path  # noqa: F401
+from tf_sparse_attn._load import op_library_available
+from tf_sparse_attn.models import (CONFIGS, ConfigError, FactorizedPositionEmbedding,
+                                   build_model, get_config, validate)
+from tf_sparse_attn.models.export import export_saved_model
+from tf_sparse_attn.models.model import bits_per_dim
+from tf_sparse_attn.models.sampling import Sampler, key_table, write_samples
+
+KINDS = ["fixed", "local,strided", "strided_merged", "strided_split", "fixed_split",
+         "fixed_block,fixed_summary", "dense", "mha"]
+
+
+def tiny(**changes):
+    return dataclasses.replace(get_config("tiny").model, **changes)
+
+
+def randomize_head(model, seed=0):
+    # The logits start at zero; a random head makes comparisons of logits meaningful.
+    model.head.kernel.assign(tf.random.stateless_normal(model.head.kernel.shape, [seed, 1]))
+
+
+# ---------------------------------------------------------------------------- configs
+
+def test_paper_configs():
+    cifar, enwik8, imagenet = (get_config(n).model for n in ("cifar10", "enwik8", "imagenet64"))
+    assert (cifar.num_layers, cifar.d_model, cifar.num_heads) == (128, 256, 2)
+    assert cifar.layer_kinds()[:3] == ["local", "strided", "local"]
+    assert cifar.position_shape == (32, 32, 3)
+    assert (enwik8.num_layers, enwik8.d_model, enwik8.num_heads, enwik8.seq_len) == (
+        30, 512, 8, 12288)
+    assert (enwik8.attention, enwik8.stride, enwik8.summary) == ("fixed", 128, 32)
+    assert (imagenet.num_layers, imagenet.d_model, imagenet.num_heads) == (48, 512, 16)
+    assert get_config("audio_1m").model.seq_len == 2 ** 20
+    for name in CONFIGS:
+        validate(get_config(name))
+
+
+def test_audio_1m_has_about_3m_parameters():
+    m = get_config("audio_1m").model
+    d = m.d_model
+    per_layer = 4 * d * d + 4 * d + 2 * m.ffn_multiplier * d * d + 5 * d + m.ffn_multiplier * d
+    total = m.num_layers * per_layer + (m.vocab_size + 1) * d + sum(m.position_shape) * d + (
+        d * m.vocab_size + m.vocab_size + 2 * d)
+    assert 2.5e6 < total < 3.5e6
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.attention": "local,strided", "model.seq_len": 96, "model.position_shape": (6, 16)},
+     "cannot take seq_len=96"),
+    ({"model.num_heads": 3}, "not divisible by num_heads"),
+    ({"model.position_shape": (4, 16)}, "covers 64 positions"),
+    ({"model.attention": "sparse"}, "unknown attention kind"),
+    ({"model.seq_len": 100, "model.position_shape": (100,)}, "multiple of block_size"),
+    ({"data.task": "cifar10"}, "32, 32, 3"),
+    ({"train.mixed_precision": "fp8"}, "mixed_precision"),
+])
+def test_bad_configs_fail_clearly(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(get_config("tiny", overrides))
+
+
+def test_overrides_parse_and_reject_unknown_fields():
+    config = get_config("tiny", ["model.num_layers=3", "train.mixed_precision=none",
+                                 "model.position_shape=(2, 64)", "model.recompute=false"])
+    assert config.model.num_layers == 3 and config.train.mixed_precision is None
+    assert config.model.position_shape == (2, 64) and config.model.recompute is False
+    with pytest.raises(ConfigError, match="no field"):
+        get_config("tiny", ["model.depth=3"])
+    with pytest.raises(ConfigError, match="unknown config"):
+        get_config("huge")
+    assert type(config).from_json(config.to_json()) == config
+
+
+# ------------------------------------------------------------------ embeddings and init
+
+def test_factorized_position_embedding():
+    layer = FactorizedPositionEmbedding((3, 4, 5), 8)
+    positions = np.arange(60)
+    out = layer(positions).numpy()
+    tables = [t.numpy() for t in layer.tables]
+    for t in (0, 7, 23, 59):
+        r, c, ch = t // 20, (t // 5) % 4, t % 5
+        np.testing.assert_allclose(out[t], tables[0][r] + tables[1][c] + tables[2][ch],
+                                   rtol=1e-6)
+    np.testing.assert_allclose(layer.full().numpy(), out, rtol=1e-6)
+    np.testing.assert_allclose(layer.full(10).numpy(), out[:10], rtol=1e-6)
+    assert layer.count_params() == (3 + 4 + 5) * 8
+    # (t div l, t mod l) for sequences.
+    seq = FactorizedPositionEmbedding((4, 16), 2)
+    seq.build()
+    assert [i.numpy().tolist() for i in seq.axis_indices(np.array([0, 17, 63]))] == [
+        [0, 1, 3], [0, 1, 15]]
+
+
+def test_zero_logits_and_depth_scaled_output_projections():
+    config = tiny(num_layers=8, d_model=64, init_scale=0.02)
+    model = build_model(config)
+    logits = model(np.random.randint(0, 256, [2, config.seq_len]))
+    assert float(tf.reduce_max(tf.abs(logits))) == 0.0
+    bits = float(tf.reduce_mean(bits_per_dim(np.zeros([2, config.seq_len]), logits)))
+    assert bits == pytest.approx(8.0, abs=1e-5)
+    scale = 1 / math.sqrt(2 * config.num_layers)
+    ffn_in = np.concatenate([b.ffn_in.kernel.numpy().ravel() for b in model.blocks])
+    ffn_out = np.concatenate([b.ffn_out.kernel.numpy().ravel() for b in model.blocks])
+    attn_q = np.concatenate([b.attention.query_dense.kernel.numpy().ravel()
+                             for b in model.blocks])
+    attn_o = np.concatenate([b.attention.output_dense.kernel.numpy().ravel()
+                             for b in model.blocks])
+    assert ffn_in.std() == pytest.approx(0.02, rel=0.05)
+    assert attn_q.std() == pytest.approx(0.02, rel=0.05)
+    assert ffn_out.std() == pytest.approx(0.02 * scale, rel=0.05)
+    assert attn_o.std() == pytest.approx(0.02 * scale, rel=0.05)
+
+
+def test_attention_kinds_build_the_right_layers():
+    model = build_model(tiny(attention="local,strided", num_layers=2))
+    first, second = (b.attention for b in model.blocks)
+    assert first.pattern == "local" and second.combine == "strided"
+    assert len(model.blocks[0].attention.layouts_for(128)) == 1
+
+
+# ------------------------------------------------------------------------- recompute
+
+@pytest.mark.parametrize("attention", ["fixed", "local,strided"])
+def test_recomputed_gradients_equal_plain(attention):
+    model = build_model(tiny(attention=attention, dropout=0.2))
+    randomize_head(model)
+    tokens = np.random.default_rng(0).integers(0, 256, [2, 128])
+    seed = tf.constant([7, 11])
+
+    def gradients(recompute):
+        for block in model.blocks:
+            block.config = dataclasses.replace(block.config, recompute=recompute)
+        with tf.GradientTape() as tape:
+            x = model.embed(tokens)
+            for block in model.blocks:
+                x = block(x, training=True, seed=seed)
+            logits = model.head(model.final_norm(x))
+            loss = tf.reduce_mean(bits_per_dim(tokens, logits))
+        return loss, tape.gradient(loss, model.trainable_weights)
+
+    loss_r, grads_r = gradients(True)
+    loss_p, grads_p = gradients(False)
+    assert float(loss_r) == pytest.approx(float(loss_p), rel=1e-6)
+    assert all(g is not None for g in grads_r)
+    for weight, a, b in zip(model.trainable_weights, grads_r, grads_p):
+        np.testing.assert_allclose(tf.convert_to_tensor(a), tf.convert_to_tensor(b),
+                                   rtol=1e-5, atol=1e-7, err_msg=weight.path)
+    # Dropout is live: another seed gives another loss.
+    for block in model.blocks:
+        block.config = dataclasses.replace(block.config, recompute=True)
+    x = model.embed(tokens)
+    for block in model.blocks:
+        x = block(x, training=True, seed=tf.constant([1, 2]))
+    other = tf.reduce_mean(bits_per_dim(tokens, model.head(model.final_norm(x))))
+    assert float(other) != pytest.approx(float(loss_r), rel=1e-6)
+
+
+def test_fit_with_and_without_recompute_takes_the_same_steps():
+    tokens = np.random.default_rng(1).integers(0, 256, [8, 128])
+    weights = []
+    for recompute in (True, False):
+        keras.utils.set_random_seed(0)
+        model = build_model(tiny(recompute=recompute))
+        model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True), jit_compile=False)
+        model.fit(tokens, tokens, batch_size=4, epochs=1, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -------------------------------------------------------------------------- sampling
+
+@pytest.mark.parametrize("attention", KINDS)
+def test_cached_steps_equal_full_forward(attention):
+    model = build_model(tiny(attention=attention, num_summary_groups=2,
+                             summary=8, stride=16))
+    randomize_head(model)
+    tokens = np.random.default_rng(2).integers(0, 256, [2, 128])
+    full = model(tokens).numpy()
+    stepped = Sampler(model, batch_size=2).logits_of(tokens)
+    np.testing.assert_allclose(stepped, full, rtol=1e-4, atol=1e-4)
+
+
+def test_key_tables_hold_the_pattern_exactly():
+    model = build_model(tiny(attention="fixed,strided_merged"))
+    fixed = key_table(model.blocks[0].attention, 128)
+    t = 37  # stride 16, summary 8: own block 32..37 and summaries 8..15, 24..31
+    assert fixed[t, 0][fixed[t, 0] >= 0].tolist() == list(range(8, 16)) + list(range(24, 38))
+    merged = key_table(model.blocks[1].attention, 128)
+    keys = merged[t, 1][merged[t, 1] >= 0].tolist()
+    assert keys == sorted(set(range(22, 38)) | set(range(5, 38, 16)))
+
+
+def test_sampling_with_prompt_temperature_and_writers(tmp_path):
+    model = build_model(tiny())
+    randomize_head(model, seed=3)
+    sampler = Sampler(model, batch_size=3)
+    prompt = np.tile(np.frombuffer(b"def f(", np.uint8)[None], [3, 1])
+    tokens = sampler.sample(temperature=0.7, seed=1, prompt=prompt)
+    assert tokens.shape == (3, 128) and (tokens[:, :6] == prompt).all()
+    np.testing.assert_array_equal(tokens, sampler.sample(temperature=0.7, seed=1,
+                                                         prompt=prompt))
+    greedy = sampler.sample(temperature=0.0)
+    assert (greedy == greedy[0]).all()  # no randomness: every row the same
+    with pytest.raises(ValueError, match="outside"):
+        sampler.sample(prompt=np.full([3, 2], 300))
+
+    (text,) = write_samples(tokens, "bytes", str(tmp_path / "s"))
+    assert open(text, "rb").read().startswith(b"def f(")
+    image_tokens = np.random.default_rng(0).integers(0, 256, [5, 4 * 4 * 3])
+    (png,) = write_samples(image_tokens, "cifar10", str(tmp_path / "img"), image_shape=(4, 4, 3))
+    grid = tf.io.decode_png(tf.io.read_file(png)).numpy()
+    assert grid.shape == (8, 12, 3)  # 5 images in a 2 x 3 grid
+    np.testing.assert_array_equal(grid[:4, 4:8], image_tokens[1].reshape(4, 4, 3))
+    wavs = write_samples(tokens[:2], "audio", str(tmp_path / "a"), sample_rate=8000)
+    from tf_sparse_attn.models.data import read_wav
+    samples, rate = read_wav(wavs[0])
+    assert rate == 8000 and samples.shape == (128,)
+
+
+# ---------------------------------------------------------------------------- export
+
+def _op_types(path):
+    loaded = tf.saved_model.load(path)
+    graph = loaded.signatures["serving_default"].graph.as_graph_def()
+    ops = {node.op for node in graph.node}
+    for function in graph.library.function:
+        ops |= {node.op for node in function.node_def}
+    return loaded, ops
+
+
+def test_export_portable_serves_next_token_log_probs(tmp_path):
+    model = build_model(tiny(attention="local,strided"))
+    randomize_head(model)
+    path = export_saved_model(model, str(tmp_path / "1"), implementation="portable")
+    loaded, ops = _op_types(path)
+    assert not any("Sparse" in op for op in ops), sorted(ops)
+    tokens = np.random.default_rng(3).integers(0, 256, [2, 20]).astype(np.int32)
+    out = loaded.signatures["serving_default"](tokens=tf.constant(tokens))
+    expected = tf.nn.log_softmax(model(np.pad(tokens, [[0, 0], [0, 1]]))).numpy()
+    np.testing.assert_allclose(out["log_probs"].numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(out["next_token_log_probs"].numpy(), expected[:, -1], atol=1e-4)
+    np.testing.assert_allclose(np.exp(out["next_token_log_probs"].numpy()).sum(-1), 1.0,
+                               rtol=1e-5)
+
+
+@pytest.mark.skipif(not op_library_available(), reason="the op library is not built")
+def test_export_op_path(tmp_path):
+    model = build_model(tiny(implementation="portable"))
+    randomize_head(model)
+    path = export_saved_model(model, str(tmp_path / "op"), implementation="op")
+    loaded, ops = _op_types(path)
+    assert any("BlockSparseAttention" in op for op in ops)
+    tokens = np.random.default_rng(4).integers(0, 256, [1, 50]).astype(np.int32)
+    out = loaded.signatures["serving_default"](tokens=tf.constant(tokens))
+    expected = tf.nn.log_softmax(model(np.pad(tokens, [[0, 0], [0, 1]]))).numpy()
+    np.testing.assert_allclose(out["log_probs"].numpy(), expected, atol=1e-4)
+
+
+# --------------------------------------------------------------------- mixed precision
+
+def test_bfloat16_policy_trains_with_float32_logits():
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_model(tiny(implementation="portable"))
+        tokens = np.random.default_rng(5).integers(0, 256, [4, 128])
+        logits = model(tokens)
+        assert logits.dtype == tf.float32
+        assert model.blocks[0].attention_norm.compute_dtype == "bfloat16"
+        model.compile(keras.optimizers.AdamW(1e-3), keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True), jit_compile=False)
+        history = model.fit(tokens, tokens, batch_size=4, epochs=2, verbose=0)
+        assert np.isfinite(history.history["loss"]).all()
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
