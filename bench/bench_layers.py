@@ -138,11 +138,7 @@ def portable_estimate_gib(kind, length, batch, dtype):
 
 
 def run_case(args, kind, implementation, length):
-    """A fresh process per case on the CPU (peak RSS is per process); in-process on the GPU,
-    whose allocator statistics reset between cases."""
-    if args.device == "gpu":
-        return measure(kind, implementation, length, args.batch, args.dtype, "gpu",
-                       args.repeats, args.xla)
+    """A fresh process per case on the CPU (peak RSS is per process)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, implementation or "-",
            str(length), "--batch", str(args.batch), "--dtype", args.dtype, "--repeats",
            str(args.repeats)] + (["--xla"] if args.xla else [])
@@ -153,6 +149,38 @@ def run_case(args, kind, implementation, length):
         return None, tail[0][:80]
     ms, peak = json.loads(result.stdout.strip().splitlines()[-1])
     return ms, peak
+
+
+def run_length_on_gpu(args, cases, length):
+    """All cases of one length in one process (the GPU allocator's statistics reset between
+    cases), ours first and MultiHeadAttention last: at B*H*T*T >= 2**31 score elements some
+    TensorFlow GPU kernels fail hard, and a crash then loses only the cases not yet printed."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-gpu", str(length),
+           ",".join(f"{k}:{i or '-'}" for k, i in cases), "--batch", str(args.batch),
+           "--dtype", args.dtype, "--repeats", str(args.repeats)] + (
+               ["--xla"] if args.xla else [])
+    result = subprocess.run(cmd, capture_output=True, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    found = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            found[(record["kind"], record["impl"])] = (record["ms"], record["peak"])
+    why = ("process crashed" if result.returncode < 0 else "failed") + f" ({result.returncode})"
+    return {case: found.get((case[0], case[1] or "-"), (None, why)) for case in cases}
+
+
+def child_gpu(args):
+    length = int(args.child_gpu[0])
+    for case in args.child_gpu[1].split(","):
+        kind, implementation = case.split(":")
+        try:
+            ms, peak = measure(kind, None if implementation == "-" else implementation, length,
+                               args.batch, args.dtype, "gpu", args.repeats, args.xla)
+        except Exception as error:  # reported per case, the others still run
+            ms, peak = None, type(error).__name__[:80]
+        print(json.dumps({"kind": kind, "impl": implementation, "ms": ms, "peak": peak}),
+              flush=True)
 
 
 def main():
@@ -172,6 +200,7 @@ def main():
                              "(default 8 on the CPU, 40 on the GPU)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child-gpu", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 20 if args.device == "gpu" else 3
@@ -185,6 +214,10 @@ def main():
         print(json.dumps([ms, peak]))
         return
 
+    if args.child_gpu:
+        child_gpu(args)
+        return
+
     lengths = [int(t) for t in args.lengths.split(",")]
     kinds = [k for k in args.layers.split(",") if k]
     implementations = [i for i in args.implementations.split(",") if i]
@@ -192,21 +225,23 @@ def main():
               "memory vs MHA"]
     rows = []
     for length in lengths:
-        base_ms, base_peak = run_case(args, "mha", None, length)
-        cases = [("mha", None)] + [(k, i) for k in kinds for i in implementations]
+        cases = [(k, i) for k in kinds for i in implementations]
+        skipped = {}
         for kind, implementation in cases:
-            if kind == "mha":
-                ms, peak = base_ms, base_peak
-            elif implementation == "portable" and \
-                    portable_estimate_gib(kind, length, args.batch, args.dtype) > args.max_gib:
-                ms, peak = None, (f"skipped: needs about "
-                                  f"{portable_estimate_gib(kind, length, args.batch, args.dtype):.0f}"
-                                  f" GiB (> --max-gib)")
-            else:
-                try:
-                    ms, peak = run_case(args, kind, implementation, length)
-                except Exception as error:  # a failed case is reported, not fatal
-                    ms, peak = None, f"{type(error).__name__}"[:80]
+            estimate = (portable_estimate_gib(kind, length, args.batch, args.dtype)
+                        if implementation == "portable" else 0)
+            if estimate > args.max_gib:
+                skipped[(kind, implementation)] = (
+                    None, f"skipped: needs about {estimate:.0f} GiB (> --max-gib)")
+        to_run = [c for c in cases if c not in skipped] + [("mha", None)]
+        if args.device == "gpu":
+            measured = run_length_on_gpu(args, to_run, length)
+        else:
+            measured = {c: run_case(args, c[0], c[1], length) for c in to_run}
+        measured.update(skipped)
+        base_ms, base_peak = measured[("mha", None)]
+        for kind, implementation in [("mha", None)] + cases:
+            ms, peak = measured[(kind, implementation)]
             name = "MultiHeadAttention (causal mask)" if kind == "mha" else LAYERS[kind]
             if ms is None:
                 row = [length, name, implementation or "keras",

@@ -160,10 +160,6 @@ class ConfigError(ValueError):
 
 # ------------------------------------------------------------------------------ registry
 
-def _sequence_positions(seq_len: int, stride: int) -> tuple[int, int]:
-    return (seq_len // stride, stride)
-
-
 def _tiny() -> Config:
     # Small enough for unit tests, long enough for every kind: strided needs stride * block.
     model = ModelConfig(seq_len=128, num_layers=2, d_model=32, num_heads=2, attention="fixed",

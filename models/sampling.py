@@ -50,8 +50,9 @@ _TABLES = {}
 
 
 def key_table(attention, seq_len: int):
-    """int32 [seq_len, heads, max_keys]: the natural-order key positions of every query and
-    head of an attention layer, padded with -1; None for a dense layer. Cached per layout."""
+    """int32 [seq_len, heads or 1, max_keys]: the natural-order key positions of every query
+    and head of an attention layer, padded with -1 (one row when every head has the same
+    keys); None for a dense layer. Cached per layout."""
     per_head = head_layouts(attention, seq_len)
     if per_head is None:
         return None
@@ -71,8 +72,10 @@ def key_table(attention, seq_len: int):
             keys.append(functools.reduce(np.union1d, sets) if len(sets) > 1 else sets[0])
         keys_by_signature[signature] = keys
     width = max(1, max(len(k) for keys in keys_by_signature.values() for k in keys))
-    table = np.full((seq_len, len(per_head), width), -1, np.int32)
-    for head, signature in enumerate(signatures):
+    # One row for all heads when they share their keys (the common case), else one per head.
+    rows = 1 if len(keys_by_signature) == 1 else len(per_head)
+    table = np.full((seq_len, rows, width), -1, np.int32)
+    for head, signature in enumerate(signatures[:rows]):
         for t, keys in enumerate(keys_by_signature[signature]):
             table[t, head, :len(keys)] = keys
     # The layouts stay referenced beside the table, so their ids in the key stay theirs.
@@ -127,11 +130,15 @@ class Sampler:
             valid = tf.range(self.config.seq_len) <= t  # [T]
             valid = valid[None, None, :]
         else:
-            index = table[t]  # [H, K]
-            valid = (index >= 0)[None]  # [1, H, K]
+            index = table[t]  # [H or 1, K]
+            valid = (index >= 0)[None]  # [1, H or 1, K]
             index = tf.maximum(index, 0)
-            k = tf.gather(keys, index, axis=1, batch_dims=1)  # [H, K, B, d]
-            v = tf.gather(values, index, axis=1, batch_dims=1)
+            if table.shape[1] == 1:  # keys shared by every head
+                k = tf.gather(keys, index[0], axis=1)  # [H, K, B, d]
+                v = tf.gather(values, index[0], axis=1)
+            else:
+                k = tf.gather(keys, index, axis=1, batch_dims=1)
+                v = tf.gather(values, index, axis=1, batch_dims=1)
         scores = tf.einsum("bhd,hkbd->bhk", tf.cast(q, tf.float32), tf.cast(k, tf.float32))
         scores = tf.where(valid, scores * self.scale, float("-inf"))
         # A query with no key at all (a summary-only head early in a stride-block) gets zeros,

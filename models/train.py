@@ -35,8 +35,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from tf_sparse_attn.models import config as config_lib  # noqa: E402
 from tf_sparse_attn.models import data as data_lib  # noqa: E402

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import tf_sparse_attn as tsa
 from tf_sparse_attn.layouts import BlockLayout
-from tests.layer_test_utils import BATCH, FEATURES, LENGTH, random_inputs, run_layer_test
+from tests.layer_test_utils import BATCH, FEATURES, random_inputs, run_layer_test
 from tests.reference import attention_reference
 
 

@@ -181,6 +181,17 @@ def test_fit_with_and_without_recompute_takes_the_same_steps():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_whole_model_saves_and_loads(tmp_path):
+    model = build_model(tiny(attention="local,strided", dropout=0.1))
+    randomize_head(model)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    tokens = np.random.default_rng(6).integers(0, 256, [2, 128])
+    assert loaded.config == model.config
+    np.testing.assert_allclose(loaded(tokens).numpy(), model(tokens).numpy(), atol=1e-6)
+
+
 # -------------------------------------------------------------------------- sampling
 
 @pytest.mark.parametrize("attention", KINDS)
@@ -198,10 +209,15 @@ def test_key_tables_hold_the_pattern_exactly():
     model = build_model(tiny(attention="fixed,strided_merged"))
     fixed = key_table(model.blocks[0].attention, 128)
     t = 37  # stride 16, summary 8: own block 32..37 and summaries 8..15, 24..31
+    assert fixed.shape[1] == 1  # every head shares the keys
     assert fixed[t, 0][fixed[t, 0] >= 0].tolist() == list(range(8, 16)) + list(range(24, 38))
     merged = key_table(model.blocks[1].attention, 128)
-    keys = merged[t, 1][merged[t, 1] >= 0].tolist()
+    keys = merged[t, 0][merged[t, 0] >= 0].tolist()
     assert keys == sorted(set(range(22, 38)) | set(range(5, 38, 16)))
+    split = key_table(build_model(tiny(attention="strided_split")).blocks[0].attention, 128)
+    assert split.shape[1] == 2
+    assert split[t, 0][split[t, 0] >= 0].tolist() == list(range(22, 38))
+    assert split[t, 1][split[t, 1] >= 0].tolist() == list(range(5, 38, 16))
 
 
 def test_sampling_with_prompt_temperature_and_writers(tmp_path):
@@ -287,3 +303,34 @@ def test_bfloat16_policy_trains_with_float32_logits():
         assert np.isfinite(history.history["loss"]).all()
     finally:
         keras.mixed_precision.set_global_policy(policy)
+
+
+@pytest.mark.gpu
+def test_recompute_keeps_activation_memory_flat_in_depth():
+    """With recomputation only the residual stream between blocks stays alive, so peak memory
+    grows with depth by little more than the weights; without it, by every block's
+    activations."""
+
+    def peak_bytes(num_layers, recompute):
+        config = tiny(num_layers=num_layers, seq_len=4096, position_shape=(32, 128),
+                      d_model=256, num_heads=4, block_size=32, stride=128, summary=32,
+                      recompute=recompute)
+        model = build_model(config)
+        tokens = tf.random.uniform([2, 4096], 0, 256, tf.int32, seed=0)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(bits_per_dim(tokens, model(tokens, training=True)))
+            return tape.gradient(loss, model.trainable_weights)
+
+        step.get_concrete_function()
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        grads = step()
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+        del grads
+        return peak - 2 * 4 * model.count_params()  # less weights and gradients
+
+    plain = peak_bytes(8, False) - peak_bytes(2, False)
+    recomputed = peak_bytes(8, True) - peak_bytes(2, True)
+    assert recomputed < 0.35 * plain, (recomputed, plain)

@@ -128,6 +128,29 @@ def _transpose_layout(row_offsets, col_indices, block_flags, num_q_blocks, num_k
     return col_offsets, tf.gather(query_block, order), tf.gather(block_flags, order)
 
 
+def _constant_transpose(row_offsets, col_indices, block_flags, num_q_blocks, num_kv_blocks):
+    """The CSC as constants when the layout tensors are constants (the usual case), or None.
+    Graph ops on int32/int64 may be placed on the GPU, and the op reads its layout in host
+    memory: every step would copy the transpose back to the host, a stream synchronisation."""
+    values = [tf.get_static_value(t) for t in (row_offsets, col_indices, block_flags)]
+    if any(v is None for v in values) or num_q_blocks is None or num_kv_blocks is None:
+        return None
+    ro, ci, fl = (np.asarray(v).astype(np.int64) for v in values)
+    if (num_q_blocks <= 0 or ro.ndim != 1 or (len(ro) - 1) % num_q_blocks or ci.shape != fl.shape
+            or len(ro) < 1 or ro[0] != 0 or np.any(np.diff(ro) < 0) or ro[-1] != len(ci)
+            or np.any(ci < 0) or np.any(ci >= num_kv_blocks)):
+        return None  # malformed: the graph path hands it to the op, which says why
+    heads = (len(ro) - 1) // num_q_blocks
+    row_id = np.repeat(np.arange(heads * num_q_blocks), np.diff(ro))
+    query_block = row_id % num_q_blocks
+    key_id = (row_id // num_q_blocks) * num_kv_blocks + ci
+    order = np.lexsort((query_block, key_id))
+    col_offsets = np.concatenate([[0], np.cumsum(np.bincount(key_id,
+                                                             minlength=heads * num_kv_blocks))])
+    return (tf.constant(col_offsets.astype(np.int32)), tf.constant(query_block[order].astype(np.int32)),
+            tf.constant(fl[order].astype(np.int32)))
+
+
 @tf.RegisterGradient("BlockSparseAttention")
 def _block_sparse_attention_grad(op, d_out, d_lse):
     q, k, v, key_bias, row_offsets, col_indices, block_flags = op.inputs
@@ -137,8 +160,11 @@ def _block_sparse_attention_grad(op, d_out, d_lse):
         d_out = tf.zeros_like(out)
     if d_lse is None:
         d_lse = tf.zeros_like(lse)
-    csc = _transpose_layout(row_offsets, col_indices, block_flags,
-                            tf.shape(q)[1] // block_size, tf.shape(k)[1] // block_size)
+    static_blocks = [None if t.shape[1] is None else t.shape[1] // block_size for t in (q, k)]
+    csc = _constant_transpose(row_offsets, col_indices, block_flags, *static_blocks)
+    if csc is None:
+        csc = _transpose_layout(row_offsets, col_indices, block_flags,
+                                tf.shape(q)[1] // block_size, tf.shape(k)[1] // block_size)
     dq, dk, dv = load_op_library().block_sparse_attention_grad(
         q, k, v, key_bias, row_offsets, col_indices, block_flags, out, lse, d_out, d_lse, *csc,
         block_size=block_size, scale=op.get_attr("scale"), causal=op.get_attr("causal"),

@@ -34,11 +34,6 @@ __global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p
   }
 }
 
-bool HasMma(const SparseAttentionParams& p) {
-  return p.dtype != ElementType::kFloat32 && p.head_dim == p.value_dim &&
-         (p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128);
-}
-
 template <ElementType E>
 const char* MmaForwardFor(const SparseAttentionParams& p, const TileWork& w, void* s) {
   switch (p.head_dim) {

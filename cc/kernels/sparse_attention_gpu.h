@@ -3,7 +3,7 @@
 // (nullptr on success) so that the caller can turn it into its own status type.
 //
 // The kernels do not walk the block layout directly. A compute tile holds kTile query rows (or,
-// for dk/dv, kTile key rows) and may span several layout rows when the block size is smaller
+// for dk/dv, TileWork::key_tile key rows) and may span several layout rows when the block size is smaller
 // than the tile, so the host first rewrites the layout as one work list per (layout head, tile):
 // the sorted union of the 16-token chunks that the tile's layout rows attend, each with the
 // layout rows (of the tile) that hold it. A kernel then gathers kChunk-row pieces of k/v (or
@@ -21,7 +21,7 @@
 namespace tf_sparse_attn {
 namespace gpu {
 
-constexpr int kTile = 64;   // query rows of a forward / dq tile, key rows of a dk/dv tile
+constexpr int kTile = 64;   // query rows of a forward / dq tile; most key rows of a dk/dv tile
 constexpr int kChunk = 16;  // rows gathered as one piece; block sizes are multiples of it
 
 // One work-list entry is two int32: the first token of the chunk, and `info`:
@@ -31,24 +31,40 @@ constexpr int kChunk = 16;  // rows gathered as one piece; block sizes are multi
 constexpr int kInfoWindowShift = 8;
 constexpr int32_t kInfoPartial = 1 << 16;
 
+// Key rows of a dk/dv tile: kTile, or kNarrowKeyTile where the layout's columns are attended by
+// sets of queries that differ inside a 64-key tile (the summary columns of a fixed pattern:
+// every later query attends keys 96..127 of a 128-stride and none attends keys 64..95), so that
+// a 64-key tile would spend much of its products on masked pairs. The host picks per layout.
+constexpr int kNarrowKeyTile = 32;
+
 // Work lists in device memory.
 struct TileWork {
   const int32_t* q_offsets = nullptr;  // [layout_heads * QueryTiles(p) + 1]
   const int32_t* q_entries = nullptr;  // 2 * q_offsets[last]
-  const int32_t* k_offsets = nullptr;  // [layout_heads * KeyTiles(p) + 1]  (backward only)
+  const int32_t* k_offsets = nullptr;  // [layout_heads * KeyTiles(p, w) + 1]  (backward only)
   const int32_t* k_entries = nullptr;
+  int key_tile = kTile;    // key rows of a dk/dv tile that the k lists were built for
   float* delta = nullptr;  // [batch, heads, q_len] scratch of the backward pass
 };
 
+// Whether the tensor-core kernels take the problem (the scalar ones take the rest).
+TSA_HOST_DEVICE bool HasMma(const SparseAttentionParams& p) {
+  return p.dtype != ElementType::kFloat32 && p.head_dim == p.value_dim &&
+         (p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128);
+}
+
 inline int QueryTiles(const SparseAttentionParams& p) { return (p.q_len + kTile - 1) / kTile; }
-inline int KeyTiles(const SparseAttentionParams& p) { return (p.kv_len + kTile - 1) / kTile; }
+inline int KeyTiles(const SparseAttentionParams& p, const TileWork& w) {
+  return (p.kv_len + w.key_tile - 1) / w.key_tile;
+}
 
 // Builds the work lists from a CSR (transposed = false: rows are query blocks, entries key
-// blocks) or CSC (transposed = true) layout held in host memory. `offsets` gets
-// layout_heads * tiles + 1 values, `entries` the pairs described above. Chunks that no pair of
-// the tile may attend (after causal / window pruning) are left out.
-void BuildTileWork(const SparseAttentionParams& p, bool transposed, const int32_t* offsets_in,
-                   const int32_t* indices_in, const int32_t* flags_in,
+// blocks) or CSC (transposed = true) layout held in host memory, for tiles of `tile_rows`
+// (kTile, or kNarrowKeyTile for transposed lists) rows. `offsets` gets layout_heads * tiles + 1
+// values, `entries` the pairs described above. Chunks that no pair of the tile may attend (after
+// causal / window pruning) are left out.
+void BuildTileWork(const SparseAttentionParams& p, bool transposed, int tile_rows,
+                   const int32_t* offsets_in, const int32_t* indices_in, const int32_t* flags_in,
                    std::vector<int32_t>* offsets, std::vector<int32_t>* entries);
 
 // Whether the GPU kernels take this problem; *why gets the reason when they do not.

@@ -540,27 +540,33 @@ __global__ void __launch_bounds__(128) MmaDqKernel(const SparseAttentionParams p
 // ---------------------------------------------------------------------------------------------
 // Tensor-core dk, dv.
 
-template <int D>
+// kKeys key rows per CTA (kTile, or kNarrowKeyTile when kNarrow), one warp per 16 of them. (A
+// bool rather than the row count: nvcc's host stubs could not tell MmaDkvKernel<E, 32, 32>
+// apart.)
+template <int D, bool kNarrow>
 struct DkvConfig {
+  static constexpr int kKeys = kNarrow ? kNarrowKeyTile : kTile;
   static constexpr int kS = D + 8;
+  static constexpr int kThreads = 2 * kKeys;
   // Queries per step: 64 at D <= 64; 32 at D = 128 keeps the four accumulators (S, dP, dK, dV)
   // in registers.
   static constexpr int kQueries = D > 64 ? 32 : 64;
   static constexpr size_t SmemBytes(size_t elem) {
-    return elem * (2 * kTile * kS + 4 * kQueries * kS) + sizeof(float) * 4 * kQueries;
+    return elem * (2 * kKeys * kS + 4 * kQueries * kS) + sizeof(float) * 4 * kQueries;
   }
 };
 
-template <ElementType E, int D>
-__global__ void __launch_bounds__(128) MmaDkvKernel(const SparseAttentionParams p,
-                                                     const TileWork w) {
-  using Cfg = DkvConfig<D>;
+template <ElementType E, int D, bool kNarrow>
+__global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
+    MmaDkvKernel(const SparseAttentionParams p, const TileWork w) {
+  using Cfg = DkvConfig<D, kNarrow>;
   using T = typename Elem<E>::T;
   constexpr int S = Cfg::kS, QN = Cfg::kQueries, NT = QN / 8, NC = QN / 16;
+  constexpr int KT = Cfg::kKeys, TH = Cfg::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
-  T* sV = sK + kTile * S;
-  T* sQ = sV + kTile * S;
+  T* sV = sK + KT * S;
+  T* sQ = sV + KT * S;
   T* sdO = sQ + 2 * QN * S;
   float* sLse = reinterpret_cast<float*>(sdO + 2 * QN * S);
   float* sDelta = sLse + 2 * QN;
@@ -569,7 +575,7 @@ __global__ void __launch_bounds__(128) MmaDkvKernel(const SparseAttentionParams 
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int k0 = tile * kTile;
+  const int k0 = tile * KT;
   const int64_t stride = static_cast<int64_t>(p.heads) * D;
   const int64_t qoff = static_cast<int64_t>(b) * p.q_len * stride + h * D;
   const int64_t koff = static_cast<int64_t>(b) * p.kv_len * stride + h * D;
@@ -587,14 +593,14 @@ __global__ void __launch_bounds__(128) MmaDkvKernel(const SparseAttentionParams 
   auto load_group = [&](int grp, int buf) {
     const int e = e0 + grp * NC;
     const int nvalid = min(NC, e1 - e);
-    GatherRows<T, D, S, QN, 128>(sQ + buf * QN * S, qp, stride, ent + 2 * e, nvalid);
-    GatherRows<T, D, S, QN, 128>(sdO + buf * QN * S, dop, stride, ent + 2 * e, nvalid);
-    if (tid < 2 * QN) {
-      const int r = tid % QN;
+    GatherRows<T, D, S, QN, TH>(sQ + buf * QN * S, qp, stride, ent + 2 * e, nvalid);
+    GatherRows<T, D, S, QN, TH>(sdO + buf * QN * S, dop, stride, ent + 2 * e, nvalid);
+    for (int idx = tid; idx < 2 * QN; idx += TH) {
+      const int r = idx % QN;
       const int chunk = r >> 4;
       const bool valid = chunk < nvalid;
       const int token = valid ? ent[2 * (e + chunk)] + (r & 15) : 0;
-      if (tid < QN) {
+      if (idx < QN) {
         CpAsync4(sLse + buf * QN + r, lsep + token, valid ? 4 : 0);
       } else {
         CpAsync4(sDelta + buf * QN + r, deltap + token, valid ? 4 : 0);
@@ -602,8 +608,8 @@ __global__ void __launch_bounds__(128) MmaDkvKernel(const SparseAttentionParams 
     }
   };
 
-  LoadRows<T, D, S, kTile, 128>(sK, kp, stride, k0, p.kv_len);
-  LoadRows<T, D, S, kTile, 128>(sV, vp, stride, k0, p.kv_len);
+  LoadRows<T, D, S, KT, TH>(sK, kp, stride, k0, p.kv_len);
+  LoadRows<T, D, S, KT, TH>(sV, vp, stride, k0, p.kv_len);
   if (ngroups > 0) load_group(0, 0);
   CpAsyncCommit();
 
@@ -731,14 +737,14 @@ __global__ void __launch_bounds__(128) MmaDkvKernel(const SparseAttentionParams 
 
 template <typename Kernel>
 inline const char* Launch(Kernel kernel, dim3 grid, size_t smem, void* stream,
-                          const SparseAttentionParams& p, const TileWork& w) {
+                          const SparseAttentionParams& p, const TileWork& w, int threads = 128) {
   if (grid.x == 0 || grid.y == 0) return nullptr;
   if (smem > 48 * 1024) {
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return cudaGetErrorString(err);
   }
-  kernel<<<grid, 128, smem, static_cast<cudaStream_t>(stream)>>>(p, w);
+  kernel<<<grid, threads, smem, static_cast<cudaStream_t>(stream)>>>(p, w);
   return LastError();
 }
 
@@ -757,8 +763,15 @@ const char* MmaBackwardImpl(const SparseAttentionParams& p, const TileWork& w, v
   if (const char* err = Launch(MmaDqKernel<E, D>, qgrid, DqConfig<D>::SmemBytes(sizeof(T)),
                                stream, p, w))
     return err;
-  const dim3 kgrid(KeyTiles(p), p.batch * p.heads);
-  return Launch(MmaDkvKernel<E, D>, kgrid, DkvConfig<D>::SmemBytes(sizeof(T)), stream, p, w);
+  const dim3 kgrid(KeyTiles(p, w), p.batch * p.heads);
+  if (w.key_tile == kNarrowKeyTile) {
+    using Cfg = DkvConfig<D, true>;
+    return Launch(MmaDkvKernel<E, D, true>, kgrid, Cfg::SmemBytes(sizeof(T)), stream, p, w,
+                  Cfg::kThreads);
+  }
+  using Cfg = DkvConfig<D, false>;
+  return Launch(MmaDkvKernel<E, D, false>, kgrid, Cfg::SmemBytes(sizeof(T)), stream, p, w,
+                Cfg::kThreads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -925,8 +938,9 @@ __global__ void __launch_bounds__(256) SimtDkvKernel(const SparseAttentionParams
   const float* deltab = w.delta + static_cast<int64_t>(bh) * p.q_len;
   const int32_t* list = w.k_offsets + lh * gridDim.x + tile;
   const int e0 = list[0], e1 = list[1];
-  const int k0 = tile * kTile, sub0 = k0 / p.block_size;
-  for (int r = warp; r < kTile; r += kSimtWarps) {
+  const int kt = w.key_tile;
+  const int k0 = tile * kt, sub0 = k0 / p.block_size;
+  for (int r = warp; r < kt; r += kSimtWarps) {
     const int j = k0 + r;
     if (j >= p.kv_len) break;
     const int sub = j / p.block_size - sub0;
@@ -989,8 +1003,8 @@ const char* SimtBackwardImpl(const SparseAttentionParams& p, const TileWork& w, 
     SimtDqKernel<E><<<dim3(QueryTiles(p), p.batch * p.heads), 32 * kSimtWarps, 0, s>>>(p, w);
     if (const char* err = LastError()) return err;
   }
-  if (KeyTiles(p) > 0) {
-    SimtDkvKernel<E><<<dim3(KeyTiles(p), p.batch * p.heads), 32 * kSimtWarps, 0, s>>>(p, w);
+  if (KeyTiles(p, w) > 0) {
+    SimtDkvKernel<E><<<dim3(KeyTiles(p, w), p.batch * p.heads), 32 * kSimtWarps, 0, s>>>(p, w);
   }
   return LastError();
 }

@@ -4,6 +4,7 @@
 #if GOOGLE_CUDA
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <initializer_list>
 #include <cstring>
@@ -31,19 +32,19 @@ using ::tensorflow::Tensor;
 
 namespace gpu {
 
-void BuildTileWork(const SparseAttentionParams& p, bool transposed, const int32_t* offsets_in,
-                   const int32_t* indices_in, const int32_t* flags_in,
+void BuildTileWork(const SparseAttentionParams& p, bool transposed, int tile_rows,
+                   const int32_t* offsets_in, const int32_t* indices_in, const int32_t* flags_in,
                    std::vector<int32_t>* offsets, std::vector<int32_t>* entries) {
   const int bs = p.block_size;
   const int row_len = transposed ? p.kv_len : p.q_len;  // tokens along the tile side
   const int nrows = transposed ? p.num_kv_blocks : p.num_q_blocks;
-  const int tiles = (row_len + kTile - 1) / kTile;
+  const int tiles = (row_len + tile_rows - 1) / tile_rows;
   offsets->assign(static_cast<size_t>(p.layout_heads) * tiles + 1, 0);
   entries->clear();
   std::vector<std::pair<int, int32_t>> items;
   for (int lh = 0; lh < p.layout_heads; ++lh) {
     for (int t = 0; t < tiles; ++t) {
-      const int r0 = t * kTile, r1 = std::min(r0 + kTile, row_len) - 1;
+      const int r0 = t * tile_rows, r1 = std::min(r0 + tile_rows, row_len) - 1;
       const int b0 = r0 / bs, b1 = r1 / bs;
       items.clear();
       for (int blk = b0; blk <= b1; ++blk) {
@@ -104,13 +105,16 @@ Status KernelError(const char* what, const char* message) {
 }
 
 // Device copies of work lists: offsets followed by entries, one int32 tensor. Keyed by
-// everything the lists depend on; a hit costs one pass over the layout on the host (to compare)
-// and no transfer or stream synchronisation.
+// everything the lists depend on. A hit compares the layout in place against the stored copy
+// (memcmp, no allocation, no key built per call) and costs no transfer or stream
+// synchronisation; the most recent entry is tried first, so a training step that alternates
+// forward and backward layouts finds its own in one or two comparisons.
 class WorkCache {
  public:
   struct Lists {
     Tensor device;  // int32 [offsets..., entries...]
     int64_t entries_at = 0;
+    int tile_rows = gpu::kTile;
   };
 
   static WorkCache* Get() {
@@ -125,53 +129,85 @@ class WorkCache {
     const int32_t* flg = transposed ? p.csc_flags : p.block_flags;
     const int nrows = p.layout_heads * (transposed ? p.num_kv_blocks : p.num_q_blocks);
     const int nnz = off[nrows];
-    std::vector<int32_t> key = {transposed ? 1 : 0, p.block_size, p.q_len,       p.kv_len,
-                                p.layout_heads,     p.causal ? 1 : 0, p.window, p.min_distance,
-                                nrows,              nnz};
     const intptr_t device = reinterpret_cast<intptr_t>(ctx->device());
-    key.push_back(static_cast<int32_t>(device & 0xffffffff));
-    key.push_back(static_cast<int32_t>(static_cast<int64_t>(device) >> 32));
-    key.insert(key.end(), off, off + nrows + 1);
-    key.insert(key.end(), idx, idx + nnz);
-    key.insert(key.end(), flg, flg + nnz);
+    // Narrow key tiles exist for the tensor-core kernels only: one layout may need two sets.
+    const Header header = {transposed ? (gpu::HasMma(p) ? 2 : 1) : 0, p.block_size, p.q_len, p.kv_len, p.layout_heads, p.causal ? 1 : 0,
+                           p.window, p.min_distance, nrows, nnz, static_cast<int64_t>(device)};
+    const size_t off_bytes = sizeof(int32_t) * (static_cast<size_t>(nrows) + 1);
+    const size_t nnz_bytes = sizeof(int32_t) * static_cast<size_t>(nnz);
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (auto it = items_.begin(); it != items_.end(); ++it) {
-        if (it->first == key) {
-          *lists = it->second;
-          items_.splice(items_.begin(), items_, it);
-          return ::tensorflow::OkStatus();
+        const Item& item = *it;
+        if (item.header != header) continue;
+        const int32_t* stored = item.layout.data();
+        if (!Same(stored, off, off_bytes) || !Same(stored + nrows + 1, idx, nnz_bytes) ||
+            !Same(stored + nrows + 1 + nnz, flg, nnz_bytes)) {
+          continue;
         }
+        *lists = item.lists;
+        if (it != items_.begin()) items_.splice(items_.begin(), items_, it);
+        return ::tensorflow::OkStatus();
       }
     }
     std::vector<int32_t> offsets, entries;
-    gpu::BuildTileWork(p, transposed, off, idx, flg, &offsets, &entries);
+    gpu::BuildTileWork(p, transposed, gpu::kTile, off, idx, flg, &offsets, &entries);
+    int tile_rows = gpu::kTile;
+    if (transposed && gpu::HasMma(p)) {
+      std::vector<int32_t> narrow_offsets, narrow_entries;
+      gpu::BuildTileWork(p, true, gpu::kNarrowKeyTile, off, idx, flg, &narrow_offsets,
+                         &narrow_entries);
+      // Products are chunks x tile rows. A narrow tile reuses each gathered query chunk for
+      // half as many keys, so it has to save a fifth of the products to pay for that.
+      const double wide = static_cast<double>(entries.size()) * gpu::kTile;
+      const double narrow = static_cast<double>(narrow_entries.size()) * gpu::kNarrowKeyTile;
+      if (narrow <= 0.8 * wide) {
+        offsets.swap(narrow_offsets);
+        entries.swap(narrow_entries);
+        tile_rows = gpu::kNarrowKeyTile;
+      }
+    }
     const int64_t total = static_cast<int64_t>(offsets.size()) + entries.size();
     if (total >= (int64_t{1} << 31)) {
       return ::tensorflow::errors::InvalidArgument("block layout too large for the GPU kernels");
     }
-    Lists made;
+    Item made;
+    made.header = header;
+    made.layout.reserve(static_cast<size_t>(nrows) + 1 + 2 * static_cast<size_t>(nnz));
+    made.layout.insert(made.layout.end(), off, off + nrows + 1);
+    made.layout.insert(made.layout.end(), idx, idx + nnz);
+    made.layout.insert(made.layout.end(), flg, flg + nnz);
     TF_RETURN_IF_ERROR(ctx->allocate_temp(::tensorflow::DT_INT32,
-                                          ::tensorflow::TensorShape({total}), &made.device));
-    made.entries_at = static_cast<int64_t>(offsets.size());
-    int32_t* dst = made.device.flat<int32_t>().data();
+                                          ::tensorflow::TensorShape({total}), &made.lists.device));
+    made.lists.entries_at = static_cast<int64_t>(offsets.size());
+    made.lists.tile_rows = tile_rows;
+    int32_t* dst = made.lists.device.flat<int32_t>().data();
     void* stream = RawStream(ctx);
     if (const char* err = gpu::CopyToDevice(dst, offsets.data(), offsets.size() * 4, stream))
       return KernelError("copying the block layout", err);
     if (const char* err =
             gpu::CopyToDevice(dst + offsets.size(), entries.data(), entries.size() * 4, stream))
       return KernelError("copying the block layout", err);
+    *lists = made.lists;
     std::lock_guard<std::mutex> lock(mu_);
-    items_.emplace_front(std::move(key), made);
+    items_.push_front(std::move(made));
     while (items_.size() > kMaxItems) items_.pop_back();
-    *lists = made;
     return ::tensorflow::OkStatus();
   }
 
  private:
+  using Header = std::array<int64_t, 11>;
+  static bool Same(const int32_t* a, const int32_t* b, size_t bytes) {
+    return bytes == 0 || std::memcmp(a, b, bytes) == 0;
+  }
+  struct Item {
+    Header header;
+    std::vector<int32_t> layout;  // offsets, indices, flags as given
+    Lists lists;
+  };
   static constexpr size_t kMaxItems = 32;
   std::mutex mu_;
-  std::list<std::pair<std::vector<int32_t>, Lists>> items_;
+  std::list<Item> items_;
 };
 
 size_t ElementBytes(const SparseAttentionParams& p) {
@@ -241,6 +277,7 @@ struct SparseAttentionRunner<GPUDevice> {
     w.q_entries = qb + q.entries_at;
     w.k_offsets = kb;
     w.k_entries = kb + k.entries_at;
+    w.key_tile = k.tile_rows;
     w.delta = delta.flat<float>().data();
     if (const char* err = gpu::LaunchBackward(p, w, RawStream(ctx)))
       return KernelError("BlockSparseAttentionGrad GPU kernel", err);

@@ -6,8 +6,7 @@ import functools
 
 import keras
 
-from tf_sparse_attn.layers.sparse_multi_head_attention import (SparseMultiHeadAttention,
-                                                               _check_positive_int)
+from tf_sparse_attn.layers.sparse_multi_head_attention import SparseMultiHeadAttention
 from tf_sparse_attn.layers.strided_attention import _interleaved
 from tf_sparse_attn.layouts import BlockLayout, padded_length
 
