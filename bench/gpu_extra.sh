@@ -9,10 +9,10 @@ made_link=0
 if [ ! -e tf_sparse_attn/models ]; then ln -s ../models tf_sparse_attn/models && made_link=1; fi
 status=0
 if [ -f bench/bench_layers.py ]; then
-  timeout 420 python bench/bench_layers.py --device gpu --dtype bfloat16 --lengths 4096,12288,16384 || status=1
+  timeout ${LAYERS_TIMEOUT:-90} python bench/bench_layers.py --device gpu --dtype bfloat16 --lengths 4096,12288,16384 --repeats 10 || status=1
 fi
 if [ -f bench/bench_model.py ]; then
-  timeout 600 python bench/bench_model.py --device gpu || status=1
+  timeout ${MODEL_TIMEOUT:-145} python bench/bench_model.py --device gpu --quick --budget ${MODEL_BUDGET:-135} --time-limit 75 || status=1
 fi
 [ "$made_link" = 1 ] && rm -f tf_sparse_attn/models
 exit $status

@@ -119,6 +119,7 @@ class DataConfig:
     data_dir: str | None = None
     source: str = "wav"
     encoding: str = "mulaw"
+    sample_rate: int = 16000  # of written audio samples (nsynth and groove: 16 kHz)
     max_bytes: int | None = None  # cap on a byte corpus read into memory (None: all)
 
 

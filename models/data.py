@@ -169,7 +169,8 @@ def image_dataset(task: str, seq_len: int, batch_size: int, *, train: bool,
     except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
             OSError) as error:
         raise DataError(f"TFDS {name!r} is not prepared under data_dir={data_dir!r}; prepare "
-                        f"it with `tfds build {name} --data_dir DIR` ({error})") from error
+                        f"it with `tfds build {name} --data_dir DIR` or train with --download "
+                        f"({error})") from error
     shape = IMAGE_SHAPES[task]
     ds = ds.map(lambda ex: image_tokens(ex["image"], shape), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x: tf.ensure_shape(x, [seq_len]))
@@ -304,8 +305,8 @@ def audio_dataset(config: Config, *, train: bool, seed: int = 0,
         except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
                 OSError) as error:
             raise DataError(f"TFDS {name!r} is not prepared under data_dir={d.data_dir!r}; "
-                            f"prepare it with `tfds build {name} --data_dir DIR` "
-                            f"({error})") from error
+                            f"prepare it with `tfds build {name} --data_dir DIR` or "
+                            f"train with --download ({error})") from error
         ds = ds.map(lambda ex: encode_audio(tf.reshape(ex["audio"], [-1]), d.encoding),
                     num_parallel_calls=tf.data.AUTOTUNE)
     if train:

@@ -37,7 +37,7 @@ def load_run(run_dir: str, weights: str | None = None, implementation: str | Non
     if not os.path.exists(weights):
         raise config_lib.ConfigError(f"no weights at {weights}; pass --weights with a "
                                      "checkpoint (checkpoints/epoch-NNN.weights.h5)")
-    model = create_model(config, compile=False)
+    model = create_model(config, compiled=False)
     model.load_weights(weights)
     return config, model
 
@@ -73,7 +73,8 @@ def main(argv=None) -> int:
             temperature=args.temperature, seed=args.seed, prompt=prompt)
         paths = sampling.write_samples(
             tokens, config.data.task, args.output or os.path.join(args.run_dir, "samples"),
-            image_shape=config.model.position_shape, encoding=config.data.encoding)
+            image_shape=config.model.position_shape, encoding=config.data.encoding,
+            sample_rate=config.data.sample_rate)
     except (config_lib.ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

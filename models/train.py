@@ -25,7 +25,6 @@ Output directory: config.json, model.weights.h5 (final), checkpoints/ (each epoc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -81,11 +80,11 @@ def set_precision(policy: str | None):
         {None: "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[policy])
 
 
-def create_model(config: config_lib.Config, compile: bool = True):  # pylint: disable=redefined-builtin
+def create_model(config: config_lib.Config, compiled: bool = True):
     """A built (and compiled) model for `config` under its precision policy."""
     set_precision(config.train.mixed_precision)
     model = build_model(config.model, name=f"sparse_transformer_{config.name}")
-    return compile_model(model, config) if compile else model
+    return compile_model(model, config) if compiled else model
 
 
 # ------------------------------------------------------------------------------- callbacks
@@ -220,13 +219,9 @@ def train(config: config_lib.Config, output_dir: str, *, verbose="auto", sample:
         throughput,
         *callbacks,
     ]
-    # TensorBoard's summaries need the tensorboard package, which TensorFlow does not require.
-    if importlib.util.find_spec("tensorboard") is not None:
-        all_callbacks.append(keras.callbacks.TensorBoard(
-            os.path.join(output_dir, "logs"), update_freq="epoch", profile_batch=0,
-            write_graph=False))
-    elif verbose:
-        print("tensorboard is not installed: no TensorBoard logs", flush=True)
+    all_callbacks.append(keras.callbacks.TensorBoard(
+        os.path.join(output_dir, "logs"), update_freq="epoch", profile_batch=0,
+        write_graph=False))
     started = time.perf_counter()
     history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs,
                         steps_per_epoch=steps_per_epoch, initial_epoch=initial_epoch,
@@ -249,7 +244,8 @@ def train(config: config_lib.Config, output_dir: str, *, verbose="auto", sample:
             temperature=1.0, seed=t.seed)
         summary["samples"] = sampling.write_samples(
             tokens, config.data.task, os.path.join(output_dir, "sample"),
-            image_shape=m.position_shape, encoding=config.data.encoding)
+            image_shape=m.position_shape, encoding=config.data.encoding,
+            sample_rate=config.data.sample_rate)
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if verbose:

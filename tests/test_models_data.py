@@ -156,3 +156,10 @@ def test_tfds_audio_pipelines(source):
     assert x.shape == (config.train.batch_size, config.model.seq_len)
     assert v.shape[1] == config.model.seq_len
     assert 0 <= int(tf.reduce_min(x)) and int(tf.reduce_max(x)) < 256
+
+
+@pytest.mark.parametrize("name", ["cifar10", "audio"])
+def test_unprepared_tfds_fails_with_instructions(tmp_path, name):
+    config = get_config(name, {"data.data_dir": str(tmp_path)})
+    with pytest.raises(data.DataError, match="tfds build"):
+        data.make_datasets(config)

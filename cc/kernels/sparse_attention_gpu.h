@@ -53,8 +53,10 @@ TSA_HOST_DEVICE bool HasMma(const SparseAttentionParams& p) {
          (p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128);
 }
 
-inline int QueryTiles(const SparseAttentionParams& p) { return (p.q_len + kTile - 1) / kTile; }
-inline int KeyTiles(const SparseAttentionParams& p, const TileWork& w) {
+TSA_HOST_DEVICE int QueryTiles(const SparseAttentionParams& p) {
+  return (p.q_len + kTile - 1) / kTile;
+}
+TSA_HOST_DEVICE int KeyTiles(const SparseAttentionParams& p, const TileWork& w) {
   return (p.kv_len + w.key_tile - 1) / w.key_tile;
 }
 

@@ -7,7 +7,8 @@
 //            from the work list 16 rows at a time, double-buffered; online softmax in the log2
 //            domain; writes out and lse.
 //   dq       same tiling as the forward; recomputes P from lse, dP = dO V^T, dS = P (dP - delta).
-//   dk, dv   one CTA per 64 key rows walking the transposed work list; computes S^T and dP^T so
+//   dk, dv   one CTA per 64 key rows (32 where the host finds that narrower tiles skip enough
+//            masked products) walking the transposed work list; computes S^T and dP^T so
 //            that P^T and dS^T come out of the accumulators already in the A-operand layout.
 // Every output element is owned by one thread of one CTA: no atomics, deterministic.
 //
@@ -206,8 +207,10 @@ __global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionPar
   T* sV = sK + 2 * KN * S;
   float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
 
-  // Causal rows late in the sequence carry the most work: start them first.
-  const int tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
+  // Causal rows late in the sequence carry the most work: start them first, tile-major over
+  // (batch, head) so that the heaviest tiles of every head go in the first waves.
+  const int bhs = p.batch * p.heads, tiles = QueryTiles(p);
+  const int tile = tiles - 1 - static_cast<int>(blockIdx.x / bhs), bh = blockIdx.x % bhs;
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -217,7 +220,7 @@ __global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionPar
   const T* kp = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.kv_len * stride + h * D;
   const T* vp = static_cast<const T*>(p.v) + static_cast<int64_t>(b) * p.kv_len * stride + h * D;
   const float* bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
-  const int32_t* list = w.q_offsets + lh * gridDim.x + tile;
+  const int32_t* list = w.q_offsets + lh * tiles + tile;
   const int e0 = list[0], e1 = list[1];
   const int ngroups = (e1 - e0 + 3) / 4;
   const int32_t* ent = w.q_entries;
@@ -394,8 +397,10 @@ __global__ void __launch_bounds__(128) MmaDqKernel(const SparseAttentionParams p
   T* sV = sK + 2 * KN * S;
   float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
 
-  // Causal rows late in the sequence carry the most work: start them first.
-  const int tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
+  // Causal rows late in the sequence carry the most work: start them first, tile-major over
+  // (batch, head) so that the heaviest tiles of every head go in the first waves.
+  const int bhs = p.batch * p.heads, tiles = QueryTiles(p);
+  const int tile = tiles - 1 - static_cast<int>(blockIdx.x / bhs), bh = blockIdx.x % bhs;
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -408,7 +413,7 @@ __global__ void __launch_bounds__(128) MmaDqKernel(const SparseAttentionParams p
   const T* kp = static_cast<const T*>(p.k) + koff;
   const T* vp = static_cast<const T*>(p.v) + koff;
   const float* bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
-  const int32_t* list = w.q_offsets + lh * gridDim.x + tile;
+  const int32_t* list = w.q_offsets + lh * tiles + tile;
   const int e0 = list[0], e1 = list[1];
   const int ngroups = (e1 - e0 + 3) / 4;
   const int32_t* ent = w.q_entries;
@@ -571,7 +576,11 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
   float* sLse = reinterpret_cast<float*>(sdO + 2 * QN * S);
   float* sDelta = sLse + 2 * QN;
 
-  const int tile = blockIdx.x, bh = blockIdx.y;
+  // Tile-major over (batch, head), so that the heaviest tiles of every head (early keys of a
+  // causal layout, or the summary columns of a fixed one, which all later queries attend) start
+  // in the first waves instead of those of the last head starting last and running alone.
+  const int bhs = p.batch * p.heads, tiles = (p.kv_len + KT - 1) / KT;
+  const int tile = blockIdx.x / bhs, bh = blockIdx.x % bhs;
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -585,7 +594,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
   const T* vp = static_cast<const T*>(p.v) + koff;
   const float* lsep = p.lse + static_cast<int64_t>(bh) * p.q_len;
   const float* deltap = w.delta + static_cast<int64_t>(bh) * p.q_len;
-  const int32_t* list = w.k_offsets + lh * gridDim.x + tile;
+  const int32_t* list = w.k_offsets + lh * tiles + tile;
   const int e0 = list[0], e1 = list[1];
   const int ngroups = (e1 - e0 + NC - 1) / NC;
   const int32_t* ent = w.k_entries;
@@ -748,10 +757,19 @@ inline const char* Launch(Kernel kernel, dim3 grid, size_t smem, void* stream,
   return LastError();
 }
 
+// One-dimensional grids of tiles x (batch * heads), tile-major (see the kernels).
+inline const char* FlatGrid(int64_t tiles, const SparseAttentionParams& p, dim3* grid) {
+  const int64_t blocks = tiles * p.batch * p.heads;
+  if (blocks > 0x7fffffff) return "the GPU kernels take tiles * batch * heads below 2^31";
+  *grid = dim3(static_cast<unsigned>(blocks));
+  return nullptr;
+}
+
 template <ElementType E, int D>
 const char* MmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
   using T = typename Elem<E>::T;
-  const dim3 grid(QueryTiles(p), p.batch * p.heads);
+  dim3 grid;
+  if (const char* err = FlatGrid(QueryTiles(p), p, &grid)) return err;
   return Launch(MmaForwardKernel<E, D>, grid, FwdConfig<D>::SmemBytes(sizeof(T)), stream, p, w);
 }
 
@@ -759,11 +777,12 @@ template <ElementType E, int D>
 const char* MmaBackwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
   using T = typename Elem<E>::T;
   if (const char* err = internal::LaunchDelta(p, w, stream)) return err;
-  const dim3 qgrid(QueryTiles(p), p.batch * p.heads);
+  dim3 qgrid, kgrid;
+  if (const char* err = FlatGrid(QueryTiles(p), p, &qgrid)) return err;
+  if (const char* err = FlatGrid(KeyTiles(p, w), p, &kgrid)) return err;
   if (const char* err = Launch(MmaDqKernel<E, D>, qgrid, DqConfig<D>::SmemBytes(sizeof(T)),
                                stream, p, w))
     return err;
-  const dim3 kgrid(KeyTiles(p, w), p.batch * p.heads);
   if (w.key_tile == kNarrowKeyTile) {
     using Cfg = DkvConfig<D, true>;
     return Launch(MmaDkvKernel<E, D, true>, kgrid, Cfg::SmemBytes(sizeof(T)), stream, p, w,
