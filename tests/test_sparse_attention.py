@@ -156,3 +156,29 @@ def test_wrapper_rejects_bad_input():
         sparse_attention(x, x, x, layout, causal=False)
     with pytest.raises(TypeError, match="BlockLayout"):
         sparse_attention(x, x, x, "dense")
+
+
+def test_gradient_with_layout_tensors_that_are_not_constants():
+    """The gradient builds the transposed layout in graph ops when it cannot fold it."""
+    from tf_sparse_attn._load import load_op_library
+
+    layout = BlockLayout.stack([BlockLayout.local(128, 16, 21), BlockLayout.fixed(128, 16, 32, 16)])
+    rng = np.random.default_rng(5)
+    (q, k, v), (qn, kn, vn) = random_inputs(rng, 1, 128, 2, 8)
+    spec = tf.TensorSpec([None], tf.int32)
+
+    @tf.function(input_signature=[spec] * 3)
+    def grads(row_offsets, col_indices, block_flags):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out, _ = load_op_library().block_sparse_attention(
+                q, k, v, tf.zeros([0]), row_offsets, col_indices, block_flags,
+                block_size=16, scale=0.5, causal=True, window=21, min_distance=0)
+            loss = tf.reduce_sum(out * out)
+        return tape.gradient(loss, [q, k, v]), out
+
+    (dq, dk, dv), out = grads(layout.row_offsets, layout.col_indices, layout.block_flags)
+    ref_out, _, ref_grads = attention_reference(qn, kn, vn, layout.to_mask(), 0.5, 2 * out.numpy())
+    assert relative_error(out.numpy(), ref_out) < 2e-5
+    for grad, ref in zip((dq, dk, dv), ref_grads):
+        assert relative_error(grad.numpy(), ref) < 1e-4

@@ -18,6 +18,8 @@ import tensorflow as tf
 
 from tf_sparse_attn._load import load_op_library
 from tf_sparse_attn.layouts import BlockLayout
+# One merge for every path: written in keras.ops, it is differentiable under tf.GradientTape too.
+from tf_sparse_attn.portable import merge_attention
 
 __all__ = ["sparse_attention", "merge_attention", "reorder_tokens", "restore_token_order"]
 
@@ -170,32 +172,3 @@ def _block_sparse_attention_grad(op, d_out, d_lse):
         block_size=block_size, scale=op.get_attr("scale"), causal=op.get_attr("causal"),
         window=op.get_attr("window"), min_distance=op.get_attr("min_distance"))
     return dq, dk, dv, None, None, None, None
-
-
-def merge_attention(out1, lse1, out2, lse2):
-    """Combines two attention passes over disjoint key sets into one softmax over their union:
-    out = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2). Differentiable in all four inputs (the
-    lse gradients flow back into each pass). out: [batch, time, heads, dim]; lse:
-    [batch, heads, time]. Returns (out, lse).
-
-    >>> import tensorflow as tf
-    >>> o, l = merge_attention(tf.ones([1, 2, 1, 3]), tf.constant([[[0.0, float("-inf")]]]),
-    ...                        tf.zeros([1, 2, 1, 3]), tf.constant([[[0.0, float("-inf")]]]))
-    >>> o[0, :, 0, 0].numpy().tolist(), l.numpy().tolist()
-    ([0.5, 0.0], [[[0.6931471824645996, -inf]]])
-    """
-    dtype = out1.dtype
-    lse1, lse2 = tf.cast(lse1, tf.float32), tf.cast(lse2, tf.float32)
-    peak = tf.maximum(lse1, lse2)
-    peak = tf.where(tf.math.is_finite(peak), peak, tf.zeros_like(peak))
-    w1, w2 = tf.exp(lse1 - peak), tf.exp(lse2 - peak)
-    total = w1 + w2
-    nonzero = total > 0
-    safe_total = tf.where(nonzero, total, tf.ones_like(total))
-    lse = tf.where(nonzero, peak + tf.math.log(safe_total), tf.fill(tf.shape(total), -np.inf))
-
-    def per_token(weight):  # [b, h, t] -> [b, t, h, 1]
-        return tf.transpose(weight / safe_total, [0, 2, 1])[..., None]
-
-    out = (per_token(w1) * tf.cast(out1, tf.float32) + per_token(w2) * tf.cast(out2, tf.float32))
-    return tf.cast(out, dtype), lse

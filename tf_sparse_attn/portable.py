@@ -215,9 +215,11 @@ def portable_sparse_attention(q, k, v, layout: BlockLayout, causal: bool = True,
 
 
 def merge_attention(out1, lse1, out2, lse2):
-    """`tf_sparse_attn.merge_attention` in `keras.ops`: one softmax over the union of two
-    passes over disjoint key sets, out = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2).
-    out: [batch, time, heads, dim]; lse: float32 [batch, heads, time]. Returns (out, lse).
+    """Combines two attention passes over disjoint key sets into one softmax over their union:
+    out = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2). Differentiable in all four inputs (the
+    lse gradients flow back into each pass); a query that neither pass attends gets zeros and
+    lse = -inf. out: [batch, time, heads, dim]; lse: float32 [batch, heads, time]. Returns
+    (out, lse). Written in `keras.ops`, so it serves the op and the portable path alike.
 
     >>> import numpy as np
     >>> o, l = merge_attention(np.ones([1, 1, 1, 2], "float32"), np.zeros([1, 1, 1], "float32"),
