@@ -172,3 +172,18 @@ def test_keys_of_matches_mask_rows(layout):
     for head in range(layout.num_heads):
         for query in (0, 1, 17, 100, 255):
             np.testing.assert_array_equal(layout.keys_of(query, head), np.flatnonzero(mask[head, query]))
+
+
+def test_mask_picture_round_trips_through_png(tmp_path):
+    import tensorflow as tf
+
+    from tf_sparse_attn.layouts import mask_picture, write_png
+
+    layout = BlockLayout.fixed(64, 8, 16, 8, num_heads=2, num_summary_groups=2)
+    picture = mask_picture(layout, head=1, cell=3)
+    assert picture.shape == (192, 192, 3)
+    dark = (picture == (33, 102, 172)).all(-1)[1::3, 1::3]  # one pixel per cell
+    np.testing.assert_array_equal(dark, layout.to_mask()[1])
+    write_png(str(tmp_path / "mask.png"), picture)
+    decoded = tf.io.decode_png(tf.io.read_file(str(tmp_path / "mask.png"))).numpy()
+    np.testing.assert_array_equal(decoded, picture)

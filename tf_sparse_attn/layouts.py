@@ -484,3 +484,53 @@ def attended_pairs(layout: BlockLayout) -> int:
             ok &= np.abs(distance) >= layout.min_distance
         total += int(ok.sum()) * int(count)
     return total
+
+
+def mask_picture(layout: BlockLayout, head: int = 0, cell: int = 4,
+                 causal: bool | None = None) -> np.ndarray:
+    """An RGB picture (uint8 [T*cell, T*cell, 3]) of one head's token mask in natural order:
+    attended pairs dark, pairs inside the layout's blocks but masked by the token rules light,
+    and the block grid drawn in the layout's own token order. Rows are queries, columns keys.
+
+    >>> mask_picture(BlockLayout.local(32, 8, 5), cell=2).shape
+    (64, 64, 3)
+    """
+    mask = layout.to_mask(causal)[head]
+    n = layout.seq_len
+    perm = layout.token_permutation()
+    # Which (query, key) pairs lie in a block the layout holds, in natural order.
+    _, rows, cols, _ = layout.coo()
+    heads = layout.coo()[0]
+    keep = heads == (head if layout.num_heads > 1 else 0)
+    blocks = np.zeros((layout.num_query_blocks, layout.num_key_blocks), bool)
+    blocks[rows[keep], cols[keep]] = True
+    in_block = blocks[perm[:, None] // layout.block_size, perm[None, :] // layout.block_size]
+    picture = np.full((n, n, 3), 255, np.uint8)
+    picture[in_block] = (198, 219, 239)
+    picture[mask] = (33, 102, 172)
+    picture = np.repeat(np.repeat(picture, cell, axis=0), cell, axis=1)
+    if not layout.reorder_stride and cell > 1:
+        lines = np.arange(0, n * cell, layout.block_size * cell)
+        picture[lines, :] = np.minimum(picture[lines, :], 200)
+        picture[:, lines] = np.minimum(picture[:, lines], 200)
+    return picture
+
+
+def write_png(path: str, picture: np.ndarray) -> None:
+    """Writes an RGB uint8 [H, W, 3] array as a PNG file, with nothing but the standard library."""
+    import struct  # pylint: disable=import-outside-toplevel
+    import zlib  # pylint: disable=import-outside-toplevel
+
+    picture = np.ascontiguousarray(picture, np.uint8)
+    height, width = picture.shape[:2]
+    raw = b"".join(b"\x00" + picture[row].tobytes() for row in range(height))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data +
+                struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.write(chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
+        f.write(chunk(b"IDAT", zlib.compress(raw, 9)))
+        f.write(chunk(b"IEND", b""))
