@@ -131,9 +131,9 @@ def _transpose_layout(row_offsets, col_indices, block_flags, num_q_blocks, num_k
 
 
 def _constant_transpose(row_offsets, col_indices, block_flags, num_q_blocks, num_kv_blocks):
-    """The CSC as constants when the layout tensors are constants (the usual case), or None.
-    Graph ops on int32/int64 may be placed on the GPU, and the op reads its layout in host
-    memory: every step would copy the transpose back to the host, a stream synchronisation."""
+    """The CSC as constants when the layout tensors are constants (the usual case), or None:
+    built once when the gradient is traced rather than by graph ops (a sort among them) in
+    every step, whose int32/int64 results the op would then read back in host memory."""
     values = [tf.get_static_value(t) for t in (row_offsets, col_indices, block_flags)]
     if any(v is None for v in values) or num_q_blocks is None or num_kv_blocks is None:
         return None
