@@ -8,7 +8,7 @@ the table goes to bench/RESULTS.md, section "Layers, CPU".
     python bench/bench_layers.py --lengths 1024 --repeats 2
 
 GPU: peak GPU memory from tf.config.experimental.get_memory_info after reset_memory_stats;
-the table goes to $OUT when it is set (a remote run), else to bench/RESULTS.md, section
+the table goes to $OUT when it is set (an output folder), else to bench/RESULTS.md, section
 "Layers, GPU".
 
     python bench/bench_layers.py --device gpu --dtype bfloat16 --lengths 4096,12288,16384

@@ -37,7 +37,8 @@ def markdown_table(header, rows) -> str:
 
 def write_section(title: str, device: str, body: str, path: str = RESULTS) -> str:
     """Replaces (or appends) the section `## title` of RESULTS.md; returns the section text.
-    When $OUT is set (a remote run), also writes it to $OUT/<slug>.md to be carried back."""
+    When $OUT is set (an output folder, e.g. of a run on another machine), also writes it to
+    $OUT/<slug>.md."""
     stamp = f"device: {device}; commit: {commit()}; date: {datetime.date.today().isoformat()}"
     section = f"## {title}\n\n{stamp}\n\n{body.strip()}\n"
     text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
