@@ -19,7 +19,7 @@ import tensorflow as tf
 from tf_sparse_attn._load import load_op_library
 from tf_sparse_attn.layouts import BlockLayout
 # One merge for every path: written in keras.ops, it is differentiable under tf.GradientTape too.
-from tf_sparse_attn.portable import merge_attention
+from tf_sparse_attn.portable import check_arguments, merge_attention
 
 __all__ = ["sparse_attention", "merge_attention", "reorder_tokens", "restore_token_order"]
 
@@ -70,20 +70,8 @@ def sparse_attention(q, k, v, layout: BlockLayout, causal: bool = True, scale: f
       A query that attends to no key gets zeros.
     """
     q, k, v = (tf.convert_to_tensor(t) for t in (q, k, v))
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if tensor.shape.rank is not None and tensor.shape.rank != 4:
-            raise ValueError(f"{name} must be [batch, time, heads, head_dim], got shape {tensor.shape}")
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-    if layout.causal and not causal:
-        raise ValueError(f"{layout} was built for causal attention and lacks the blocks a "
-                         "bidirectional call needs; build it with causal=False")
+    check_arguments(q, k, v, layout, causal)
     length = q.shape[1]
-    if length is not None and length > layout.seq_len:
-        raise ValueError(f"sequence length {length} exceeds the layout's seq_len {layout.seq_len}")
-    if k.shape[1] is not None and length is not None and k.shape[1] != length:
-        raise ValueError(f"q has {length} positions but k has {k.shape[1]}: block layouts are "
-                         "square (self-attention over one sequence)")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
 

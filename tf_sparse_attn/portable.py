@@ -60,9 +60,13 @@ def _permutations(layout: BlockLayout):
     return np.argsort(perm).astype(np.int32), perm.astype(np.int32)
 
 
-def _check_arguments(q, k, v, layout, causal):
+def check_arguments(q, k, v, layout, causal):
+    """The checks every path makes before any computation: ValueError or TypeError naming
+    the argument, never an error from deep inside a backend."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if len(tensor.shape) != 4:
+        rank = getattr(tensor.shape, "rank", None) if hasattr(tensor.shape, "rank") \
+            else len(tensor.shape)
+        if rank is not None and rank != 4:
             raise ValueError(f"{name} must be [batch, time, heads, head_dim], got shape "
                              f"{tuple(tensor.shape)}")
     if not isinstance(layout, BlockLayout):
@@ -108,7 +112,7 @@ def portable_sparse_attention(q, k, v, layout: BlockLayout, causal: bool = True,
       out [batch, time, heads, value_dim] in q's dtype, and lse if return_lse.
     """
     q, k, v = (ops.convert_to_tensor(t) for t in (q, k, v))
-    _check_arguments(q, k, v, layout, causal)
+    check_arguments(q, k, v, layout, causal)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     dtype = keras.backend.standardize_dtype(q.dtype)

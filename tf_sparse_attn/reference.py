@@ -18,7 +18,7 @@ import math
 import numpy as np
 from keras import ops
 
-from tf_sparse_attn.portable import _check_arguments, _time_of
+from tf_sparse_attn.portable import _time_of, check_arguments
 from tf_sparse_attn.layouts import BlockLayout
 
 __all__ = ["reference_attention"]
@@ -34,7 +34,7 @@ def reference_attention(q, k, v, layout: BlockLayout, causal: bool = True,
     """Attention over `layout.to_mask(causal)`, computed densely in float32; arguments and
     results as `tf_sparse_attn.sparse_attention`."""
     q, k, v = (ops.convert_to_tensor(t) for t in (q, k, v))
-    _check_arguments(q, k, v, layout, causal)
+    check_arguments(q, k, v, layout, causal)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     dtype = q.dtype
