@@ -15,3 +15,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def op_library():
+    """The op module. The library is always built for the tests, so a missing or unloadable
+    one fails the tests that need it instead of skipping them."""
+    from tf_sparse_attn._load import load_op_library
+
+    try:
+        return load_op_library()
+    except ImportError as error:
+        pytest.fail(f"the op library does not load: {error}")

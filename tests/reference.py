@@ -2,6 +2,20 @@
 
 import numpy as np
 
+# Relative-error bounds per dtype for out and lse (gradients get a few times more): float32
+# accumulates in float32 everywhere; the half types are rounded at the output.
+TOLERANCE = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 2.5e-2}
+
+
+def random_qkv(rng, batch, time, heads, dim, value_dim=None, dtype="float32"):
+    """Fresh standard-normal q, k, v as TF tensors of `dtype`, and the float64 NumPy arrays of
+    exactly those (rounded) values, so the reference sees the kernel's inputs."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    shapes = [(batch, time, heads, dim)] * 2 + [(batch, time, heads, value_dim or dim)]
+    tensors = [tf.cast(tf.constant(rng.standard_normal(s), tf.float32), dtype) for s in shapes]
+    return tensors, [t.numpy().astype(np.float64) for t in tensors]
+
 
 def attention_reference(q, k, v, mask, scale, d_out=None, d_lse=None):
     """q, k: [B, T, H, D]; v: [B, T, H, Dv]; mask: bool [H or 1, T, T] or [B, H, T, T].

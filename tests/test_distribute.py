@@ -58,15 +58,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def op_library():
-    from tf_sparse_attn._load import load_op_library
-    try:
-        load_op_library()
-    except ImportError as error:
-        pytest.fail(f"the op library does not load: {error}")
-
-
 def test_mirrored_strategy_matches_single_device(op_library):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -20,15 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH, FEATURES = 40, 16
 
 
-@pytest.fixture(scope="module")
-def op_library():
-    from tf_sparse_attn._load import load_op_library
-    try:
-        load_op_library()
-    except ImportError as error:
-        pytest.fail(f"the op library does not load: {error}")
-
-
 def build_model(implementation, length=LENGTH, max_length=None):
     """Two sparse layers (strided merged, fixed split with summary groups) in a small
     residual stack, so the export holds several layouts and both reorderings."""

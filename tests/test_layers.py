@@ -14,18 +14,6 @@ from tests.layer_test_utils import BATCH, FEATURES, random_inputs, run_layer_tes
 from tests.reference import attention_reference
 
 
-@pytest.fixture(scope="session")
-def op_library():
-    """The op library is always built for the tests; a missing one is a failure, not a skip."""
-    if not tsa.op_library_available():
-        from tf_sparse_attn._load import load_op_library
-        try:
-            load_op_library()
-        except ImportError as error:
-            pytest.fail(f"the op library does not load: {error}")
-    return True
-
-
 COMMON = dict(num_heads=2, key_dim=4, block_size=4)
 
 PUBLIC_LAYERS = {

@@ -10,7 +10,6 @@ import pytest
 import tensorflow as tf
 
 from tests import _models_path  # noqa: F401
-from tf_sparse_attn._load import op_library_available
 from tf_sparse_attn.models import (CONFIGS, ConfigError, FactorizedPositionEmbedding,
                                    build_model, get_config, validate)
 from tf_sparse_attn.models.export import export_saved_model
@@ -273,8 +272,7 @@ def test_export_portable_serves_next_token_log_probs(tmp_path):
                                rtol=1e-5)
 
 
-@pytest.mark.skipif(not op_library_available(), reason="the op library is not built")
-def test_export_op_path(tmp_path):
+def test_export_op_path(tmp_path, op_library):
     model = build_model(tiny(implementation="portable"))
     randomize_head(model)
     path = export_saved_model(model, str(tmp_path / "op"), implementation="op")

@@ -7,9 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tf_sparse_attn import BlockLayout, merge_attention, sparse_attention
-from tests.reference import attention_reference, relative_error
-
-TOLERANCE = {tf.float32: 2e-5, tf.float16: 3e-3, tf.bfloat16: 2.5e-2}
+from tests.reference import TOLERANCE, attention_reference, random_qkv, relative_error
 
 
 def layouts(causal):
@@ -25,18 +23,10 @@ def layouts(causal):
     }
 
 
-def random_inputs(rng, batch, time, heads, dim, value_dim=None, dtype=tf.float32):
-    shapes = [(batch, time, heads, dim)] * 2 + [(batch, time, heads, value_dim or dim)]
-    arrays = [rng.standard_normal(s) for s in shapes]
-    # Round to the tested dtype first so the reference sees exactly the kernel's inputs.
-    tensors = [tf.cast(tf.constant(a, tf.float32), dtype) for a in arrays]
-    return tensors, [t.numpy().astype(np.float64) for t in tensors]
-
-
 def check(layout, causal, dtype, time, *, heads=3, dim=16, value_dim=None, batch=2, seed=0,
           key_mask=None):
     rng = np.random.default_rng(seed)
-    (q, k, v), (qn, kn, vn) = random_inputs(rng, batch, time, heads, dim, value_dim, dtype)
+    (q, k, v), (qn, kn, vn) = random_qkv(rng, batch, time, heads, dim, value_dim, dtype)
     d_out = rng.standard_normal((batch, time, heads, value_dim or dim))
     d_lse = rng.standard_normal((batch, heads, time))
     with tf.GradientTape() as tape:
@@ -51,7 +41,7 @@ def check(layout, causal, dtype, time, *, heads=3, dim=16, value_dim=None, batch
         mask = mask[None] & np.asarray(key_mask)[:, None, None, :]
     ref_out, ref_lse, ref_grads = attention_reference(qn, kn, vn, mask, 1 / math.sqrt(dim),
                                                       d_out, np.where(np.isfinite(d_lse), d_lse, 0))
-    tol = TOLERANCE[dtype]
+    tol = TOLERANCE[dtype.name]
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert relative_error(out.numpy(), ref_out) < tol
     assert relative_error(lse.numpy(), ref_lse) < tol
@@ -99,7 +89,7 @@ def test_merged_local_and_strided_head(causal):
     local = BlockLayout.local(256, 16, stride, causal)
     strided = BlockLayout.strided(256, 16, stride, causal, exclude_window=stride)
     rng = np.random.default_rng(3)
-    (q, k, v), (qn, kn, vn) = random_inputs(rng, 2, time, 2, 16)
+    (q, k, v), (qn, kn, vn) = random_qkv(rng, 2, time, 2, 16)
     d_out = rng.standard_normal((2, time, 2, 16))
     with tf.GradientTape() as tape:
         tape.watch([q, k, v])
@@ -158,20 +148,18 @@ def test_wrapper_rejects_bad_input():
         sparse_attention(x, x, x, "dense")
 
 
-def test_gradient_with_layout_tensors_that_are_not_constants():
+def test_gradient_with_layout_tensors_that_are_not_constants(op_library):
     """The gradient builds the transposed layout in graph ops when it cannot fold it."""
-    from tf_sparse_attn._load import load_op_library
-
     layout = BlockLayout.stack([BlockLayout.local(128, 16, 21), BlockLayout.fixed(128, 16, 32, 16)])
     rng = np.random.default_rng(5)
-    (q, k, v), (qn, kn, vn) = random_inputs(rng, 1, 128, 2, 8)
+    (q, k, v), (qn, kn, vn) = random_qkv(rng, 1, 128, 2, 8)
     spec = tf.TensorSpec([None], tf.int32)
 
     @tf.function(input_signature=[spec] * 3)
     def grads(row_offsets, col_indices, block_flags):
         with tf.GradientTape() as tape:
             tape.watch([q, k, v])
-            out, _ = load_op_library().block_sparse_attention(
+            out, _ = op_library.block_sparse_attention(
                 q, k, v, tf.zeros([0]), row_offsets, col_indices, block_flags,
                 block_size=16, scale=0.5, causal=True, window=21, min_distance=0)
             loss = tf.reduce_sum(out * out)

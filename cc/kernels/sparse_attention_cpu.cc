@@ -380,6 +380,21 @@ TSA_INLINE void MaskBlock(const SparseAttentionParams& p, int i0, int j0, int32_
   }
 }
 
+// Scores of one (query block, key block) pair, query-major: scale * Q K^T plus the key bias,
+// with the token rules applied where the block is partial. The forward pass and dq share it, so
+// the two see bit-identical scores.
+template <int W, int MR>
+TSA_INLINE void QueryMajorScores(const Packed& pk, int g, const float* qp, const float* bias_b,
+                                 int i0, int kb, int32_t flags, BlockKind kind, float* s) {
+  const SparseAttentionParams& p = *pk.p;
+  const int bs = p.block_size, j0 = kb * bs;
+  Gemm<W, MR, false>(bs, bs, p.head_dim, qp, p.head_dim, pk.Kt(g, kb), bs, s, bs);
+  for (int r = 0; r < bs; ++r) {
+    ScaleBias<W>(s + static_cast<int64_t>(r) * bs, bs, p.scale, bias_b ? bias_b + j0 : nullptr);
+  }
+  if (kind == BlockKind::kPartial) MaskBlock(p, i0, j0, flags, /*transposed=*/false, s);
+}
+
 // Scratch layout of one forward unit: s [bs*bs], row_max [bs], row_sum [bs].
 // qp is the unit's query block [bs, head_dim]; o receives the normalised output
 // [bs, value_dim], lse the log-sum-exp of each row.
@@ -387,7 +402,7 @@ template <int W, int MR>
 TSA_INLINE void ForwardUnitBody(const Packed& pk, int g, int qb, const float* qp, float* s,
                                 float* row_max, float* row_sum, float* o, float* lse) {
   const SparseAttentionParams& p = *pk.p;
-  const int bs = p.block_size, d = p.head_dim, dv = p.value_dim;
+  const int bs = p.block_size, dv = p.value_dim;
   const int bh = pk.bh0 + g, b = bh / p.heads, h = bh % p.heads;
   const int64_t row = static_cast<int64_t>(p.layout_head(h)) * p.num_q_blocks + qb;
   const int i0 = qb * bs;
@@ -404,11 +419,7 @@ TSA_INLINE void ForwardUnitBody(const Packed& pk, int g, int qb, const float* qp
     const BlockKind kind = Classify(p, i0, j0, flags);
     if (kind == BlockKind::kEmpty) continue;
 
-    Gemm<W, MR, false>(bs, bs, d, qp, d, pk.Kt(g, kb), bs, s, bs);
-    for (int r = 0; r < bs; ++r) {
-      ScaleBias<W>(s + static_cast<int64_t>(r) * bs, bs, p.scale, bias_b ? bias_b + j0 : nullptr);
-    }
-    if (kind == BlockKind::kPartial) MaskBlock(p, i0, j0, flags, /*transposed=*/false, s);
+    QueryMajorScores<W, MR>(pk, g, qp, bias_b, i0, kb, flags, kind, s);
     for (int r = 0; r < bs; ++r) {
       float* srow = s + static_cast<int64_t>(r) * bs;
       const float m_old = row_max[r];
@@ -464,11 +475,7 @@ TSA_INLINE void DqUnitBody(const Packed& pk, int g, int qb, float* s, float* dp,
     const BlockKind kind = Classify(p, i0, j0, flags);
     if (kind == BlockKind::kEmpty) continue;
 
-    Gemm<W, MR, false>(bs, bs, d, qp, d, pk.Kt(g, kb), bs, s, bs);
-    for (int r = 0; r < bs; ++r) {
-      ScaleBias<W>(s + static_cast<int64_t>(r) * bs, bs, p.scale, bias_b ? bias_b + j0 : nullptr);
-    }
-    if (kind == BlockKind::kPartial) MaskBlock(p, i0, j0, flags, /*transposed=*/false, s);
+    QueryMajorScores<W, MR>(pk, g, qp, bias_b, i0, kb, flags, kind, s);
     Gemm<W, MR, false>(bs, bs, dv, dop, dv, pk.Vt(g, kb), bs, dp, bs);
     for (int r = 0; r < bs; ++r) {
       float* srow = s + static_cast<int64_t>(r) * bs;
