@@ -131,20 +131,14 @@ class BlockLayout:
         row_offsets = np.zeros(num_heads * num_blocks + 1, np.int64)
         np.add.at(row_offsets, row_id + 1, 1)
         row_offsets = np.cumsum(row_offsets)
-        # CSC: order by (head, key block, query block).
-        head_of = row_id // num_blocks
-        qb = row_id % num_blocks
-        csc_key = (head_of * num_blocks + col) * num_blocks + qb
-        csc_order = np.argsort(csc_key, kind="stable")
-        col_offsets = np.zeros(num_heads * num_blocks + 1, np.int64)
-        np.add.at(col_offsets, head_of * num_blocks + col + 1, 1)
-        col_offsets = np.cumsum(col_offsets)
+        col_offsets, row_indices, csc_flags = transpose_csr(row_offsets, col, merged_flags,
+                                                            num_blocks, num_blocks)
         return cls(block_size=int(block_size), num_query_blocks=int(num_blocks),
                    num_key_blocks=int(num_blocks), num_heads=int(num_heads),
                    row_offsets=_frozen(row_offsets), col_indices=_frozen(col),
                    block_flags=_frozen(merged_flags), col_offsets=_frozen(col_offsets),
-                   row_indices=_frozen(qb[csc_order]),
-                   csc_flags=_frozen(merged_flags[csc_order]), causal=bool(causal),
+                   row_indices=_frozen(row_indices), csc_flags=_frozen(csc_flags),
+                   causal=bool(causal),
                    window=int(window), min_distance=int(min_distance),
                    reorder_stride=int(reorder_stride), description=description)
 
@@ -412,6 +406,22 @@ class BlockLayout:
                                num_heads=start, causal=first.causal, window=window,
                                min_distance=min_distance, reorder_stride=first.reorder_stride,
                                description="[" + ", ".join(l.description for l in layouts) + "]")
+
+
+def transpose_csr(row_offsets, col_indices, block_flags, num_query_blocks, num_key_blocks):
+    """The CSC form (col_offsets, row_indices, csc_flags) of a well-formed CSR layout with
+    (len(row_offsets) - 1) // num_query_blocks heads: for each (head, key block), the query
+    blocks that attend it, increasing, with their flags. What the gradient's dk/dv walk."""
+    row_offsets = np.asarray(row_offsets, np.int64)
+    col_indices = np.asarray(col_indices, np.int64)
+    heads = (row_offsets.size - 1) // num_query_blocks
+    row_id = np.repeat(np.arange(heads * num_query_blocks), np.diff(row_offsets))
+    query_block = row_id % num_query_blocks
+    key_id = (row_id // num_query_blocks) * num_key_blocks + col_indices
+    order = np.lexsort((query_block, key_id))
+    col_offsets = np.concatenate(
+        [[0], np.cumsum(np.bincount(key_id, minlength=heads * num_key_blocks))])
+    return col_offsets, query_block[order], np.asarray(block_flags)[order]
 
 
 def _ranges(starts, ends):

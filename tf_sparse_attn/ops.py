@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparse_attn._load import load_op_library
-from tf_sparse_attn.layouts import BlockLayout
+from tf_sparse_attn.layouts import BlockLayout, transpose_csr
 # One merge for every path: written in keras.ops, it is differentiable under tf.GradientTape too.
 from tf_sparse_attn.portable import check_arguments, merge_attention
 
@@ -130,15 +130,8 @@ def _constant_transpose(row_offsets, col_indices, block_flags, num_q_blocks, num
             or len(ro) < 1 or ro[0] != 0 or np.any(np.diff(ro) < 0) or ro[-1] != len(ci)
             or np.any(ci < 0) or np.any(ci >= num_kv_blocks)):
         return None  # malformed: the graph path hands it to the op, which says why
-    heads = (len(ro) - 1) // num_q_blocks
-    row_id = np.repeat(np.arange(heads * num_q_blocks), np.diff(ro))
-    query_block = row_id % num_q_blocks
-    key_id = (row_id // num_q_blocks) * num_kv_blocks + ci
-    order = np.lexsort((query_block, key_id))
-    col_offsets = np.concatenate([[0], np.cumsum(np.bincount(key_id,
-                                                             minlength=heads * num_kv_blocks))])
-    return (tf.constant(col_offsets.astype(np.int32)), tf.constant(query_block[order].astype(np.int32)),
-            tf.constant(fl[order].astype(np.int32)))
+    return tuple(tf.constant(a.astype(np.int32))
+                 for a in transpose_csr(ro, ci, fl, num_q_blocks, num_kv_blocks))
 
 
 @tf.RegisterGradient("BlockSparseAttention")
