@@ -65,34 +65,50 @@ def _rss_kib(field):
     return 0
 
 
+def make_step(kind, implementation, length, batch, dtype, xla=False):
+    """The layer, its input and a tf.function of one forward + backward of the layer with
+    respect to its input and weights (returning one scalar that depends on every gradient, so
+    that nothing is pruned). Call under the device scope the step should run on."""
+    import numpy as np
+    import tensorflow as tf
+
+    layer = make_layer(kind, implementation, dtype, length)
+    rng = np.random.default_rng(0)
+    x = tf.cast(tf.constant(rng.standard_normal((batch, length, HEADS * HEAD_DIM)),
+                            tf.float32), dtype)
+    if kind == "mha":
+        layer(x[:, :8], x[:, :8], use_causal_mask=True)
+    else:
+        layer(x[:, :8])
+    variables = layer.trainable_variables
+
+    @tf.function(jit_compile=xla and implementation != "op")
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, x, use_causal_mask=True) if kind == "mha" else layer(x)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2)
+        grads = tape.gradient(loss, [x] + variables)
+        return loss + tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])
+
+    return step, x
+
+
+# GPU steps per timed batch: the steps of a batch are dispatched back to back and synchronised
+# once, as in training, so that the host's per-call round trip is not timed as layer time.
+GPU_STEPS_PER_TIMING = 5
+
+
 def measure(kind, implementation, length, batch, dtype, device, repeats, xla):
     """Times one layer's forward + backward; returns (median ms, peak MiB)."""
-    import numpy as np
     import tensorflow as tf
 
     gpu = device == "gpu"
     if gpu and not tf.config.list_physical_devices("GPU"):
         raise SystemExit("--device gpu: TensorFlow sees no GPU")
     with tf.device("/GPU:0" if gpu else "/CPU:0"):
-        layer = make_layer(kind, implementation, dtype, length)
-        rng = np.random.default_rng(0)
-        x = tf.cast(tf.constant(rng.standard_normal((batch, length, HEADS * HEAD_DIM)),
-                                tf.float32), dtype)
-        if kind == "mha":
-            layer(x[:, :8], x[:, :8], use_causal_mask=True)
-        else:
-            layer(x[:, :8])
-        variables = layer.trainable_variables
-
-        @tf.function(jit_compile=xla and implementation != "op")
-        def step(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x, x, use_causal_mask=True) if kind == "mha" else layer(x)
-                loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2)
-            grads = tape.gradient(loss, [x] + variables)
-            # One scalar that depends on every gradient, so nothing is pruned.
-            return loss + tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])
+        step, x = make_step(kind, implementation, length, batch, dtype, xla)
+        calls = GPU_STEPS_PER_TIMING if gpu else 1
 
         def sync():
             if gpu:
@@ -112,9 +128,11 @@ def measure(kind, implementation, length, batch, dtype, device, repeats, xla):
         for _ in range(repeats):
             sync()
             start = time.perf_counter()
-            step(x).numpy()
+            for _ in range(calls):
+                result = step(x)
+            result.numpy()
             sync()
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append((time.perf_counter() - start) * 1e3 / calls)
         if gpu:
             peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
         else:
@@ -192,7 +210,7 @@ def main():
     parser.add_argument("--implementations", default="op,portable")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per case (median); default 3 on CPU, 20 on GPU")
+                        help="timed runs per case (median); default 3 on CPU, 10 on GPU")
     parser.add_argument("--xla", action="store_true",
                         help="compile the portable path and MultiHeadAttention with XLA")
     parser.add_argument("--max-gib", type=float, default=None,
@@ -203,7 +221,7 @@ def main():
     parser.add_argument("--child-gpu", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats is None:
-        args.repeats = 20 if args.device == "gpu" else 3
+        args.repeats = 10 if args.device == "gpu" else 3
     if args.max_gib is None:
         args.max_gib = 40.0 if args.device == "gpu" else 8.0
 
@@ -258,7 +276,9 @@ def main():
 
     note = (f"{args.dtype}, batch {args.batch}, {HEADS} heads of {HEAD_DIM}; forward + backward "
             f"of one layer (projections included) with respect to its input and weights; "
-            f"median of {args.repeats}; peak memory is "
+            f"median of {args.repeats}"
+            + (f" timings of {GPU_STEPS_PER_TIMING} steps dispatched back to back"
+               if args.device == "gpu" else "") + "; peak memory is "
             + ("the GPU allocator's peak" if args.device == "gpu"
                else "the growth of the process's peak RSS from before the first call (tracing "
                   "included)")

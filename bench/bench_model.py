@@ -59,9 +59,18 @@ def _is_oom(error) -> bool:
         "oom when allocating" in text
 
 
+_STARTED = time.perf_counter()
+
+
+def _progress(stage):
+    """One line per stage on stderr: the parent reports the last one when a case times out."""
+    print(f"PROGRESS {time.perf_counter() - _STARTED:.1f}s {stage}", file=sys.stderr, flush=True)
+
+
 def time_training_steps(config_name, overrides, batch, warmup, steps, device):
     """One case in this process: median step seconds, peak memory, parameter count."""
     _import_models()
+    _progress("imported")
     import keras  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -74,20 +83,26 @@ def time_training_steps(config_name, overrides, batch, warmup, steps, device):
     config = validate(get_config(config_name, overrides))
     keras.utils.set_random_seed(0)
     model = create_model(config)
+    _progress("model built")
     tokens = tf.random.uniform([batch, config.model.seq_len], 0, 256, tf.int32, seed=1)
-    iterator = iter(tf.data.Dataset.from_tensors((tokens, tokens)).repeat())
-    model.make_train_function()
+    dataset = tf.data.Dataset.from_tensors((tokens, tokens)).repeat()
+    # model.fit builds the optimizer and metrics before it traces, so the step is traced once
+    # (a bare call of the step function would trace it twice: once to create variables); the
+    # warm-up steps run through fit itself.
+    model.fit(dataset, epochs=1, steps_per_epoch=max(1, warmup), verbose=0)
+    _progress("traced, warm-up done")
+    iterator = iter(dataset)
     train_function = model.train_function
     gpu = device == "gpu"
     if gpu:
         tf.config.experimental.reset_memory_stats("GPU:0")
     times = []
-    for i in range(warmup + steps):
+    for _ in range(steps):
         start = time.perf_counter()
         logs = train_function(iterator)
         loss = float(np.asarray(logs["loss"]))  # reading it back waits for the step
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+        _progress(f"step {len(times)}: {times[-1]:.3f} s")
     result = {"seconds": float(np.median(times)), "loss": loss,
               "parameters": count_parameters(model),
               "tokens_per_second": batch * config.model.seq_len / float(np.median(times)),
@@ -108,8 +123,12 @@ def run_case(name, config_name, overrides, batch, args, time_limit=None):
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=time_limit,
                               cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"name": name, "status": f"timed out (> {time_limit} s)"}
+    except subprocess.TimeoutExpired as error:
+        stderr = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) \
+            else (error.stderr or "")
+        stages = [l.split(" ", 2)[2] for l in stderr.splitlines() if l.startswith("PROGRESS ")]
+        where = f" after '{stages[-1]}'" if stages else " before the model was built"
+        return {"name": name, "status": f"timed out (> {time_limit} s{where})"}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if lines:
         result = json.loads(lines[-1][len("RESULT "):])

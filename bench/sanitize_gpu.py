@@ -1,8 +1,9 @@
 """One forward and one backward of the op on the GPU, small enough for compute-sanitizer:
     compute-sanitizer --tool memcheck python3 bench/sanitize_gpu.py
     compute-sanitizer --tool racecheck python3 bench/sanitize_gpu.py
-Covers a tensor-core path (bfloat16, head_dim 64, fine layout with partial tiles) and the scalar
-path (float32)."""
+Covers the tensor-core paths (bfloat16, head_dim 64: a fixed layout with partial tiles, a dense
+one, which takes the 128-row forward tiles, and a local one, which keeps 64-row tiles) and the
+scalar path (float32)."""
 
 import os
 import sys
@@ -15,8 +16,11 @@ from tf_sparse_attn import BlockLayout, sparse_attention  # noqa: E402
 
 
 def main():
-    layout = BlockLayout.fixed(192, 16, 64, 16)
-    for dtype in (tf.bfloat16, tf.float32):
+    cases = [(BlockLayout.fixed(192, 16, 64, 16), tf.bfloat16),
+             (BlockLayout.dense(192, 16), tf.bfloat16),
+             (BlockLayout.local(192, 16, 32), tf.bfloat16),
+             (BlockLayout.fixed(192, 16, 64, 16), tf.float32)]
+    for layout, dtype in cases:
         with tf.device("/GPU:0"):
             q, k, v = (tf.cast(tf.random.normal([1, 181, 3, 64]), dtype) for _ in range(3))
             with tf.GradientTape() as tape:

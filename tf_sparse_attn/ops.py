@@ -34,19 +34,38 @@ def _layout_tensors(layout: BlockLayout):
             tf.constant(layout.block_flags))
 
 
+def _swap_factors(x: tf.Tensor, outer: int, inner: int, axis: int) -> tf.Tensor:
+    """Views `axis` (of length outer * inner) as [outer, inner] and transposes those two: index
+    o * inner + i goes to i * outer + o. A transpose rather than a gather, so that its gradient
+    is a transpose too and not a scatter-add."""
+    shape = tf.shape(x)
+    split = tf.concat([shape[:axis], [outer, inner], shape[axis + 1:]], axis=0)
+    perm = list(range(x.shape.rank + 1))
+    perm[axis], perm[axis + 1] = axis + 1, axis
+    y = tf.reshape(tf.transpose(tf.reshape(x, split), perm), shape)
+    y.set_shape(x.shape)
+    return y
+
+
 def reorder_tokens(x: tf.Tensor, layout: BlockLayout, axis: int = 1) -> tf.Tensor:
     """Puts a padded sequence (length layout.seq_len along `axis`) into the layout's token
     order: token t goes to (t mod l) * (T / l) + t // l. A no-op for natural-order layouts."""
-    if not layout.reorder_stride:
+    stride = layout.reorder_stride
+    if not stride:
         return x
+    if layout.seq_len % stride == 0:
+        return _swap_factors(x, layout.seq_len // stride, stride, axis)
     inverse = np.argsort(layout.token_permutation()).astype(np.int32)
     return tf.gather(x, inverse, axis=axis)
 
 
 def restore_token_order(x: tf.Tensor, layout: BlockLayout, axis: int = 1) -> tf.Tensor:
     """Inverse of `reorder_tokens`."""
-    if not layout.reorder_stride:
+    stride = layout.reorder_stride
+    if not stride:
         return x
+    if layout.seq_len % stride == 0:
+        return _swap_factors(x, stride, layout.seq_len // stride, axis)
     return tf.gather(x, layout.token_permutation().astype(np.int32), axis=axis)
 
 

@@ -21,7 +21,12 @@
 namespace tf_sparse_attn {
 namespace gpu {
 
-constexpr int kTile = 64;   // query rows of a forward / dq tile; most key rows of a dk/dv tile
+constexpr int kTile = 64;   // query rows of a dq tile; most key rows of a dk/dv tile
+// Query rows of a tensor-core forward tile where the layout allows: each K/V piece gathered
+// into shared memory then serves twice the rows, halving the forward's K/V traffic through L2.
+// The host keeps kTile for layouts where 128-row tiles would add masked products (local
+// windows, whose tiles' key spans grow by a tile height).
+constexpr int kFwdTile = 128;
 constexpr int kChunk = 16;  // rows gathered as one piece; block sizes are multiples of it
 
 // One work-list entry is two int32: the first token of the chunk, and `info`:
@@ -43,6 +48,7 @@ struct TileWork {
   const int32_t* q_entries = nullptr;  // 2 * q_offsets[last]
   const int32_t* k_offsets = nullptr;  // [layout_heads * KeyTiles(p, w) + 1]  (backward only)
   const int32_t* k_entries = nullptr;
+  int query_tile = kTile;  // query rows of a forward tile that the q lists were built for
   int key_tile = kTile;    // key rows of a dk/dv tile that the k lists were built for
   float* delta = nullptr;  // [batch, heads, q_len] scratch of the backward pass
 };
@@ -56,13 +62,18 @@ TSA_HOST_DEVICE bool HasMma(const SparseAttentionParams& p) {
 TSA_HOST_DEVICE int QueryTiles(const SparseAttentionParams& p) {
   return (p.q_len + kTile - 1) / kTile;
 }
+// Query tiles of the tensor-core forward (the scalar forward and dq use QueryTiles).
+TSA_HOST_DEVICE int ForwardTiles(const SparseAttentionParams& p, const TileWork& w) {
+  return (p.q_len + w.query_tile - 1) / w.query_tile;
+}
 TSA_HOST_DEVICE int KeyTiles(const SparseAttentionParams& p, const TileWork& w) {
   return (p.kv_len + w.key_tile - 1) / w.key_tile;
 }
 
 // Builds the work lists from a CSR (transposed = false: rows are query blocks, entries key
 // blocks) or CSC (transposed = true) layout held in host memory, for tiles of `tile_rows`
-// (kTile, or kNarrowKeyTile for transposed lists) rows. `offsets` gets layout_heads * tiles + 1
+// (kFwdTile or kTile for query lists, kTile or kNarrowKeyTile for transposed ones) rows; a tile
+// spans at most 8 layout rows. `offsets` gets layout_heads * tiles + 1
 // values, `entries` the pairs described above. Chunks that no pair of the tile may attend (after
 // causal / window pruning) are left out.
 void BuildTileWork(const SparseAttentionParams& p, bool transposed, int tile_rows,

@@ -3,10 +3,11 @@
 //
 // Tensor-core path (float16, bfloat16): flash-attention style with mma.sync m16n8k16 (f32
 // accumulate), ldmatrix and cp.async, i.e. sm_80 instructions that also run on sm_90.
-//   forward  one CTA per (64 query rows, batch*head), 4 warps of 16 rows; key tiles of 64 gathered
-//            from the work list 16 rows at a time, double-buffered; online softmax in the log2
-//            domain; writes out and lse.
-//   dq       same tiling as the forward; recomputes P from lse, dP = dO V^T, dS = P (dP - delta).
+//   forward  one CTA per (128 or 64 query rows, batch*head), warps of 16 rows; key tiles of 64
+//            gathered from the work list 16 rows at a time, double-buffered; online softmax in
+//            the log2 domain; writes out and lse.
+//   dq       one CTA per 64 query rows, 4 warps; recomputes P from lse, dP = dO V^T,
+//            dS = P (dP - delta); computes delta itself and leaves it for dk, dv.
 //   dk, dv   one CTA per 64 key rows (32 where the host finds that narrower tiles skip enough
 //            masked products) walking the transposed work list; computes S^T and dP^T so
 //            that P^T and dS^T come out of the accumulators already in the A-operand layout.
@@ -21,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cc/kernels/sparse_attention_gpu.h"
 #include "cc/kernels/sparse_attention_params.h"
@@ -134,6 +136,29 @@ __device__ __forceinline__ int OffsetBt(int lane) {
   return ((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8;
 }
 
+// 2^x in one MUFU instruction. exp2f adds range handling for results below 2^-126; those flush
+// to zero here, which no softmax weight notices (they are below bf16/f16 resolution of 1).
+__device__ __forceinline__ float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <bool B>
+using Flag = std::integral_constant<bool, B>;
+
+// Calls f(Flag<a>(), Flag<b>()): the per-element score loops take their masking and bias cases
+// as compile-time flags, so each case compiles to its own straight-line copy instead of one
+// copy that tests the flags (and loads bias it may not use) for every element.
+template <typename F>
+__device__ __forceinline__ void Specialize(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(Flag<true>(), Flag<true>()); else f(Flag<true>(), Flag<false>());
+  } else {
+    if (b) f(Flag<false>(), Flag<true>()); else f(Flag<false>(), Flag<false>());
+  }
+}
+
 __device__ __forceinline__ float WarpSum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -185,36 +210,43 @@ __device__ __forceinline__ void LoadRows(T* dst, const T* src, int64_t token_str
 // ---------------------------------------------------------------------------------------------
 // Tensor-core forward.
 
-template <int D>
+template <int D, int ROWS>
 struct FwdConfig {
-  static constexpr int kThreads = 128;
+  static constexpr int kRows = ROWS;  // kTile or kFwdTile, in warps of 16 query rows
+  static constexpr int kThreads = 2 * kRows;
   static constexpr int kS = D + 8;  // padded row: ldmatrix rows fall into distinct banks
   static constexpr int kKeys = 64;  // keys per step: 4 chunks
+  // At D <= 64, 128 registers hold the kernel (148 unbounded) so that 16 warps fit per SM;
+  // at D = 128 registers allow 8 warps.
+  static constexpr int kMinBlocks = D <= 64 ? 2 * kFwdTile / ROWS : 1;
   static constexpr size_t SmemBytes(size_t elem) {
-    return elem * (kTile * kS + 4 * kKeys * kS) + sizeof(float) * 2 * kKeys;
+    return elem * (kRows * kS + 4 * kKeys * kS) + sizeof(float) * 2 * kKeys;
   }
 };
 
-template <ElementType E, int D>
-__global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionParams p,
+template <ElementType E, int D, int ROWS>
+__global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
+                                  FwdConfig<D, ROWS>::kMinBlocks)
+    MmaForwardKernel(const SparseAttentionParams p,
                                                          const TileWork w) {
-  using Cfg = FwdConfig<D>;
+  using Cfg = FwdConfig<D, ROWS>;
   using T = typename Elem<E>::T;
   constexpr int S = Cfg::kS, KN = Cfg::kKeys, NT = KN / 8;
+  constexpr int TH = Cfg::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kTile * S;
+  T* sK = sQ + ROWS * S;
   T* sV = sK + 2 * KN * S;
   float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
 
   // Causal rows late in the sequence carry the most work: start them first, tile-major over
   // (batch, head) so that the heaviest tiles of every head go in the first waves.
-  const int bhs = p.batch * p.heads, tiles = QueryTiles(p);
+  const int bhs = p.batch * p.heads, tiles = (p.q_len + ROWS - 1) / ROWS;
   const int tile = tiles - 1 - static_cast<int>(blockIdx.x / bhs), bh = blockIdx.x % bhs;
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int q0 = tile * kTile;
+  const int q0 = tile * ROWS;
   const int64_t stride = static_cast<int64_t>(p.heads) * D;
   const T* qp = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_len * stride + h * D;
   const T* kp = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.kv_len * stride + h * D;
@@ -228,8 +260,8 @@ __global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionPar
   auto load_group = [&](int grp, int buf) {
     const int e = e0 + grp * 4;
     const int nvalid = min(4, e1 - e);
-    GatherRows<T, D, S, KN, 128>(sK + buf * KN * S, kp, stride, ent + 2 * e, nvalid);
-    GatherRows<T, D, S, KN, 128>(sV + buf * KN * S, vp, stride, ent + 2 * e, nvalid);
+    GatherRows<T, D, S, KN, TH>(sK + buf * KN * S, kp, stride, ent + 2 * e, nvalid);
+    GatherRows<T, D, S, KN, TH>(sV + buf * KN * S, vp, stride, ent + 2 * e, nvalid);
     if (bias != nullptr && tid < KN) {
       const int chunk = tid >> 4;
       const bool valid = chunk < nvalid;
@@ -238,7 +270,7 @@ __global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionPar
     }
   };
 
-  LoadRows<T, D, S, kTile, 128>(sQ, qp, stride, q0, p.q_len);
+  LoadRows<T, D, S, ROWS, TH>(sQ, qp, stride, q0, p.q_len);
   if (ngroups > 0) load_group(0, 0);
   CpAsyncCommit();
   CpAsyncWait<0>();
@@ -256,6 +288,11 @@ __global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionPar
   const int sub0 = q0 / p.block_size;
   const int sub[2] = {row_i[0] / p.block_size - sub0, row_i[1] / p.block_size - sub0};
   const float sl = p.scale * kLog2e;
+  // Without a key bias and with a positive scale, row maxima are taken over the raw products
+  // (scaling keeps their order) and the scale folds into the one FFMA before ex2; otherwise
+  // the scores are scaled and biased first. Scores in s are then score * log2(e) / to_log2.
+  const bool raw = bias == nullptr && sl > 0.f;
+  const float to_log2 = raw ? sl : 1.f;
 
   for (int grp = 0; grp < ngroups; ++grp) {
     const int buf = grp & 1;
@@ -293,30 +330,34 @@ __global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionPar
     }
 
     float mx[2] = {-kInf, -kInf};
+    Specialize(partial, raw, [&](auto masked, auto unscaled) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
+      for (int n = 0; n < NT; ++n) {
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const int col = n * 8 + 2 * t4 + (x & 1);
-        float v = s[n][x] * sl;
-        if (bias != nullptr) v += sBias[buf * KN + col] * kLog2e;
-        if (partial) {
-          const int c = n >> 1;
-          const int j = ks[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
-          if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
+        for (int x = 0; x < 4; ++x) {
+          float v = s[n][x];
+          if constexpr (!unscaled) {
+            v *= sl;
+            if (bias != nullptr) v += sBias[buf * KN + n * 8 + 2 * t4 + (x & 1)] * kLog2e;
+          }
+          if constexpr (masked) {
+            const int c = n >> 1;
+            const int j = ks[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
+            if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
+          }
+          s[n][x] = v;
+          mx[x >> 1] = fmaxf(mx[x >> 1], v);
         }
-        s[n][x] = v;
-        mx[x >> 1] = fmaxf(mx[x >> 1], v);
       }
-    }
+    });
     float m_use[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r]);
+      const float m_new = fmaxf(m[r], mx[r] * to_log2);
       m_use[r] = m_new == -kInf ? 0.f : m_new;
-      const float alpha = exp2f(m[r] - m_use[r]);
+      const float alpha = FastExp2(m[r] - m_use[r]);
       m[r] = m_new;
       l[r] *= alpha;
 #pragma unroll
@@ -329,7 +370,7 @@ __global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionPar
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
-        const float pv = exp2f(s[n][x] - m_use[x >> 1]);
+        const float pv = FastExp2(fmaf(s[n][x], to_log2, -m_use[x >> 1]));
         s[n][x] = pv;
         l[x >> 1] += pv;
       }
@@ -375,8 +416,63 @@ __global__ void __launch_bounds__(128) MmaForwardKernel(const SparseAttentionPar
 // ---------------------------------------------------------------------------------------------
 // Tensor-core dq.
 
+// Sum over 8 products of two packed 16-byte vectors of 16-bit floats.
+template <ElementType E>
+__device__ __forceinline__ float Dot8(const uint4& a, const uint4& b) {
+  const uint32_t x[4] = {a.x, a.y, a.z, a.w}, y[4] = {b.x, b.y, b.z, b.w};
+  float acc = 0.f;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    float2 fx, fy;
+    if constexpr (E == ElementType::kBFloat16) {
+      fx = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x[u]));
+      fy = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&y[u]));
+    } else {
+      fx = __half22float2(*reinterpret_cast<const __half2*>(&x[u]));
+      fy = __half22float2(*reinterpret_cast<const __half2*>(&y[u]));
+    }
+    acc = fmaf(fx.x, fy.x, acc);
+    acc = fmaf(fx.y, fy.y, acc);
+  }
+  return acc;
+}
+
+// delta = rowsum(dO * O) - d_lse for the warp's 16 query rows starting at `row0`, computed by
+// the dq kernel itself rather than by a kernel of its own: a separate pass over O and dO cost
+// as much as a tenth of the backward of the sparsest layouts. Two lanes share a row, half of
+// its columns each. The result goes to w.delta, which the dk/dv kernel launched after dq
+// reads, and to `delta` for the rows g and g + 8 of the caller's fragments.
+template <ElementType E, int D>
+__device__ __forceinline__ void RowDelta(const SparseAttentionParams& p, const TileWork& w,
+                                         int bh, int64_t qoff, int row0, int lane,
+                                         float (&delta)[2]) {
+  using T = typename Elem<E>::T;
+  const int64_t stride = static_cast<int64_t>(p.heads) * D;
+  const int i = row0 + (lane >> 1), half = lane & 1;
+  float acc = 0.f;
+  if (i < p.q_len) {
+    const uint4* o = reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + qoff +
+                                                    i * stride + half * (D / 2));
+    const uint4* d = reinterpret_cast<const uint4*>(static_cast<const T*>(p.d_out) + qoff +
+                                                    i * stride + half * (D / 2));
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) acc += Dot8<E>(__ldg(o + c), __ldg(d + c));
+  }
+  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+  const int64_t at = static_cast<int64_t>(bh) * p.q_len + i;
+  // d lse_i / d s_ij = P_ij, so d_lse enters dS = P (dP - delta) with the opposite sign.
+  if (i < p.q_len && p.d_lse != nullptr) acc -= p.d_lse[at];
+  if (i < p.q_len && half == 0) w.delta[at] = acc;
+  const int g = lane >> 2;
+  delta[0] = __shfl_sync(0xffffffffu, acc, 2 * g);
+  delta[1] = __shfl_sync(0xffffffffu, acc, 2 * (g + 8));
+}
+
 template <int D>
 struct DqConfig {
+  // Four CTAs (16 warps) per SM at D <= 64: 128 registers hold dq without spills (168
+  // unbounded, which allowed three), and shared memory takes four.
+  static constexpr int kMinBlocks = D <= 64 ? 4 : 1;
   static constexpr int kS = D + 8;
   static constexpr int kKeys = 64;
   static constexpr size_t SmemBytes(size_t elem) {
@@ -385,8 +481,8 @@ struct DqConfig {
 };
 
 template <ElementType E, int D>
-__global__ void __launch_bounds__(128) MmaDqKernel(const SparseAttentionParams p,
-                                                    const TileWork w) {
+__global__ void __launch_bounds__(128, DqConfig<D>::kMinBlocks)
+    MmaDqKernel(const SparseAttentionParams p, const TileWork w) {
   using Cfg = DqConfig<D>;
   using T = typename Elem<E>::T;
   constexpr int S = Cfg::kS, KN = Cfg::kKeys, NT = KN / 8;
@@ -440,12 +536,11 @@ __global__ void __launch_bounds__(128) MmaDqKernel(const SparseAttentionParams p
   const int sub0 = q0 / p.block_size;
   const int sub[2] = {row_i[0] / p.block_size - sub0, row_i[1] / p.block_size - sub0};
   float lse2[2], delta[2];
+  RowDelta<E, D>(p, w, bh, qoff, q0 + warp * 16, lane, delta);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const bool in = row_i[r] < p.q_len;
-    const int64_t at = static_cast<int64_t>(bh) * p.q_len + row_i[r];
-    lse2[r] = in ? Lse2(p.lse[at]) : kInf;
-    delta[r] = in ? w.delta[at] : 0.f;
+    lse2[r] = in ? Lse2(p.lse[static_cast<int64_t>(bh) * p.q_len + row_i[r]]) : kInf;
   }
   const float sl = p.scale * kLog2e;
   float dq[D / 8][4];
@@ -495,22 +590,24 @@ __global__ void __launch_bounds__(128) MmaDqKernel(const SparseAttentionParams p
         Mma<E>(dp[2 * np + 1], da, vf[2], vf[3]);
       }
     }
+    // s becomes dS = P (dP - delta).
+    Specialize(partial, bias != nullptr, [&](auto masked, auto biased) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
+      for (int n = 0; n < NT; ++n) {
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const int col = n * 8 + 2 * t4 + (x & 1);
-        float v = s[n][x] * sl;
-        if (bias != nullptr) v += sBias[buf * KN + col] * kLog2e;
-        if (partial) {
-          const int c = n >> 1;
-          const int j = ks[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
-          if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
+        for (int x = 0; x < 4; ++x) {
+          float shift = -lse2[x >> 1];
+          if constexpr (biased) shift += sBias[buf * KN + n * 8 + 2 * t4 + (x & 1)] * kLog2e;
+          float v = fmaf(s[n][x], sl, shift);
+          if constexpr (masked) {
+            const int c = n >> 1;
+            const int j = ks[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
+            if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
+          }
+          s[n][x] = FastExp2(v) * (dp[n][x] - delta[x >> 1]);
         }
-        const float pv = exp2f(v - lse2[x >> 1]);
-        s[n][x] = pv * (dp[n][x] - delta[x >> 1]);
       }
-    }
+    });
 #pragma unroll
     for (int kk = 0; kk < KN / 16; ++kk) {
       uint32_t pa[4];
@@ -555,6 +652,8 @@ struct DkvConfig {
   static constexpr int kThreads = 2 * kKeys;
   // Queries per step: 64 at D <= 64; 32 at D = 128 keeps the four accumulators (S, dP, dK, dV)
   // in registers.
+  // (32 queries at D = 64 with registers capped for 12 warps per SM was 8% slower on dense
+  // layouts: twice the steps, each with its barrier and loads.)
   static constexpr int kQueries = D > 64 ? 32 : 64;
   static constexpr size_t SmemBytes(size_t elem) {
     return elem * (2 * kKeys * kS + 4 * kQueries * kS) + sizeof(float) * 4 * kQueries;
@@ -576,11 +675,14 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
   float* sLse = reinterpret_cast<float*>(sdO + 2 * QN * S);
   float* sDelta = sLse + 2 * QN;
 
-  // Tile-major over (batch, head), so that the heaviest tiles of every head (early keys of a
-  // causal layout, or the summary columns of a fixed one, which all later queries attend) start
-  // in the first waves instead of those of the last head starting last and running alone.
+  // Narrow tiles (sparse columns, e.g. the fixed pattern's summaries) go tile-major over (batch,
+  // head), so that the heaviest tiles of every head start in the first waves instead of those
+  // of the last head starting last and running alone. Wide tiles (dense-like layouts) go
+  // head-major: the CTAs of one head then stream the same Q and dO through L2, where
+  // interleaving every head's (64 MB at T=16384, 16 heads) overflowed it (5% slower).
   const int bhs = p.batch * p.heads, tiles = (p.kv_len + KT - 1) / KT;
-  const int tile = blockIdx.x / bhs, bh = blockIdx.x % bhs;
+  const int tile = kNarrow ? blockIdx.x / bhs : blockIdx.x % tiles;
+  const int bh = kNarrow ? blockIdx.x % bhs : blockIdx.x / tiles;
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -687,22 +789,24 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
       }
     }
     // s becomes P^T, dp becomes dS^T.
+    Specialize(partial, false, [&](auto masked, auto) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
+      for (int n = 0; n < NT; ++n) {
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const int col = n * 8 + 2 * t4 + (x & 1);
-        float v = s[n][x] * sl + bias2[x >> 1];
-        if (partial) {
-          const int c = n >> 1;
-          const int i = qs[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
-          if (!EntryAllows(p, info[c], sub[x >> 1], i, row_j[x >> 1])) v = -kInf;
+        for (int x = 0; x < 4; ++x) {
+          const int col = n * 8 + 2 * t4 + (x & 1);
+          float v = fmaf(s[n][x], sl, bias2[x >> 1] - Lse2(cLse[col]));
+          if constexpr (masked) {
+            const int c = n >> 1;
+            const int i = qs[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
+            if (!EntryAllows(p, info[c], sub[x >> 1], i, row_j[x >> 1])) v = -kInf;
+          }
+          const float pv = FastExp2(v);
+          s[n][x] = pv;
+          dp[n][x] = pv * (dp[n][x] - cDelta[col]);
         }
-        const float pv = exp2f(v - Lse2(cLse[col]));
-        s[n][x] = pv;
-        dp[n][x] = pv * (dp[n][x] - cDelta[col]);
       }
-    }
+    });
 #pragma unroll
     for (int kk = 0; kk < QN / 16; ++kk) {
       uint32_t pa[4], da[4];
@@ -769,14 +873,21 @@ template <ElementType E, int D>
 const char* MmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
   using T = typename Elem<E>::T;
   dim3 grid;
-  if (const char* err = FlatGrid(QueryTiles(p), p, &grid)) return err;
-  return Launch(MmaForwardKernel<E, D>, grid, FwdConfig<D>::SmemBytes(sizeof(T)), stream, p, w);
+  if (const char* err = FlatGrid(ForwardTiles(p, w), p, &grid)) return err;
+  if (w.query_tile == kFwdTile) {
+    using Cfg = FwdConfig<D, kFwdTile>;
+    return Launch(MmaForwardKernel<E, D, kFwdTile>, grid, Cfg::SmemBytes(sizeof(T)), stream, p,
+                  w, Cfg::kThreads);
+  }
+  using Cfg = FwdConfig<D, kTile>;
+  return Launch(MmaForwardKernel<E, D, kTile>, grid, Cfg::SmemBytes(sizeof(T)), stream, p, w,
+                Cfg::kThreads);
 }
 
 template <ElementType E, int D>
 const char* MmaBackwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
   using T = typename Elem<E>::T;
-  if (const char* err = internal::LaunchDelta(p, w, stream)) return err;
+  // No delta kernel: dq computes delta (RowDelta) before dk/dv, launched after it, reads it.
   dim3 qgrid, kgrid;
   if (const char* err = FlatGrid(QueryTiles(p), p, &qgrid)) return err;
   if (const char* err = FlatGrid(KeyTiles(p, w), p, &kgrid)) return err;

@@ -122,17 +122,23 @@ class WorkCache {
     return cache;
   }
 
-  Status Lookup(OpKernelContext* ctx, const SparseAttentionParams& p, bool transposed,
-                Lists* lists) {
+  // Which lists: those of dq (query tiles of kTile rows), of the forward (query tiles of
+  // kFwdTile or kTile rows) or of dk/dv (key tiles of kTile or kNarrowKeyTile rows). Where two
+  // tile heights are possible, the tensor-core kernels get the one the layout favours.
+  enum class Kind { kDq = 0, kForward = 1, kKey = 2 };
+
+  Status Lookup(OpKernelContext* ctx, const SparseAttentionParams& p, Kind kind, Lists* lists) {
+    const bool transposed = kind == Kind::kKey;
+    const bool choose = kind != Kind::kDq && gpu::HasMma(p);
     const int32_t* off = transposed ? p.col_offsets : p.row_offsets;
     const int32_t* idx = transposed ? p.row_indices : p.col_indices;
     const int32_t* flg = transposed ? p.csc_flags : p.block_flags;
     const int nrows = p.layout_heads * (transposed ? p.num_kv_blocks : p.num_q_blocks);
     const int nnz = off[nrows];
     const intptr_t device = reinterpret_cast<intptr_t>(ctx->device());
-    // Narrow key tiles exist for the tensor-core kernels only: one layout may need two sets.
-    const Header header = {transposed ? (gpu::HasMma(p) ? 2 : 1) : 0, p.block_size, p.q_len, p.kv_len, p.layout_heads, p.causal ? 1 : 0,
-                           p.window, p.min_distance, nrows, nnz, static_cast<int64_t>(device)};
+    const Header header = {static_cast<int>(kind) * 2 + (choose ? 1 : 0), p.block_size, p.q_len,
+                           p.kv_len, p.layout_heads, p.causal ? 1 : 0, p.window,
+                           p.min_distance, nrows, nnz, static_cast<int64_t>(device)};
     const size_t off_bytes = sizeof(int32_t) * (static_cast<size_t>(nrows) + 1);
     const size_t nnz_bytes = sizeof(int32_t) * static_cast<size_t>(nnz);
     {
@@ -151,20 +157,21 @@ class WorkCache {
       }
     }
     std::vector<int32_t> offsets, entries;
-    gpu::BuildTileWork(p, transposed, gpu::kTile, off, idx, flg, &offsets, &entries);
     int tile_rows = gpu::kTile;
-    if (transposed && gpu::HasMma(p)) {
-      std::vector<int32_t> narrow_offsets, narrow_entries;
-      gpu::BuildTileWork(p, true, gpu::kNarrowKeyTile, off, idx, flg, &narrow_offsets,
-                         &narrow_entries);
-      // Products are chunks x tile rows. A narrow tile reuses each gathered query chunk for
-      // half as many keys, so it has to save a fifth of the products to pay for that.
-      const double wide = static_cast<double>(entries.size()) * gpu::kTile;
-      const double narrow = static_cast<double>(narrow_entries.size()) * gpu::kNarrowKeyTile;
-      if (narrow <= 0.8 * wide) {
-        offsets.swap(narrow_offsets);
-        entries.swap(narrow_entries);
-        tile_rows = gpu::kNarrowKeyTile;
+    gpu::BuildTileWork(p, transposed, tile_rows, off, idx, flg, &offsets, &entries);
+    if (choose) {
+      // Products are chunks x tile rows. A taller forward tile reuses each gathered key chunk
+      // for twice the queries, worth up to a tenth more products; a narrower key tile reuses
+      // each query chunk for half the keys, so it has to save a fifth of them.
+      const int other = transposed ? gpu::kNarrowKeyTile : gpu::kFwdTile;
+      const double limit = transposed ? 0.8 : 1.1;
+      std::vector<int32_t> other_offsets, other_entries;
+      gpu::BuildTileWork(p, transposed, other, off, idx, flg, &other_offsets, &other_entries);
+      const double base = static_cast<double>(entries.size()) * gpu::kTile;
+      if (static_cast<double>(other_entries.size()) * other <= limit * base) {
+        offsets.swap(other_offsets);
+        entries.swap(other_entries);
+        tile_rows = other;
       }
     }
     const int64_t total = static_cast<int64_t>(offsets.size()) + entries.size();
@@ -242,7 +249,7 @@ struct SparseAttentionRunner<GPUDevice> {
   static Status Forward(OpKernelContext* ctx, const SparseAttentionParams& p) {
     TF_RETURN_IF_ERROR(CheckSupported(p));
     WorkCache::Lists q;
-    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, false, &q));
+    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, WorkCache::Kind::kForward, &q));
     const size_t rows = size_t(p.batch) * p.q_len * p.heads;
     TF_RETURN_IF_ERROR(MaybePoison(ctx, {{p.out, rows * p.value_dim * ElementBytes(p)},
                                          {p.lse, rows * sizeof(float)}}));
@@ -250,6 +257,7 @@ struct SparseAttentionRunner<GPUDevice> {
     const int32_t* base = q.device.flat<int32_t>().data();
     w.q_offsets = base;
     w.q_entries = base + q.entries_at;
+    w.query_tile = q.tile_rows;
     if (const char* err = gpu::LaunchForward(p, w, RawStream(ctx)))
       return KernelError("BlockSparseAttention GPU kernel", err);
     return ::tensorflow::OkStatus();
@@ -258,8 +266,8 @@ struct SparseAttentionRunner<GPUDevice> {
   static Status Backward(OpKernelContext* ctx, const SparseAttentionParams& p) {
     TF_RETURN_IF_ERROR(CheckSupported(p));
     WorkCache::Lists q, k;
-    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, false, &q));
-    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, true, &k));
+    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, WorkCache::Kind::kDq, &q));
+    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, WorkCache::Kind::kKey, &k));
     Tensor delta;
     TF_RETURN_IF_ERROR(ctx->allocate_temp(
         ::tensorflow::DT_FLOAT,

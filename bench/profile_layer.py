@@ -1,0 +1,132 @@
+"""Where the GPU time of one layer's training step goes: the step of bench_layers.py run under
+TensorFlow's profiler, its GPU kernels summed per step, beside the step's wall time.
+
+    python bench/profile_layer.py --layer fixed --length 12288
+    python bench/profile_layer.py --layer strided --length 12288 --implementation portable
+
+Prints a table: kernel (name shortened), launches per step, ms per step, share of the GPU's
+busy time; then wall ms per step, GPU busy ms per step (the union of kernel intervals) and the
+gap between them (host work and launch latency that the GPU waited for). With no GPU it
+summarises the host's TensorFlow op events instead, so the script can be tried anywhere.
+"""
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def short_name(name, width=90):
+    """Kernel names without return types, namespaces and template arguments' namespaces."""
+    name = re.sub(r"^void ", "", name)
+    name = re.sub(r"\b[A-Za-z_][A-Za-z0-9_]*::", "", name)
+    name = name.split("(")[0] if not name.startswith("(") else name
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def union_length(intervals):
+    """Total length covered by (start, end) intervals."""
+    total, end = 0, None
+    for lo, hi in sorted(intervals):
+        if end is None or lo > end:
+            total += hi - lo
+            end = hi
+        elif hi > end:
+            total += hi - end
+            end = hi
+    return total
+
+
+def summarize(logdir, steps):
+    """(rows, busy_ms_per_step, source) from the profile under logdir."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=import-outside-toplevel
+
+    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise SystemExit(f"no profile written under {logdir}")
+    space = xplane_pb2.XSpace()
+    with open(paths[0], "rb") as f:
+        space.ParseFromString(f.read())
+    gpu_planes = [p for p in space.planes if p.name.startswith("/device:GPU:")]
+    planes = gpu_planes or [p for p in space.planes if p.name == "/host:CPU"]
+    totals, counts, intervals = collections.Counter(), collections.Counter(), []
+    for plane in planes:
+        for line in plane.lines:
+            # GPU: kernels and copies are on the stream lines; host: TensorFlow's executor
+            # threads.
+            if gpu_planes and not line.name.startswith("Stream"):
+                continue
+            if not gpu_planes and not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                if event.duration_ps == 0:
+                    continue
+                name = plane.event_metadata[event.metadata_id].name
+                if not gpu_planes and ":" not in name:  # executor bookkeeping, not an op
+                    continue
+                totals[name] += event.duration_ps
+                counts[name] += 1
+                start = line.timestamp_ns * 1000 + event.offset_ps
+                intervals.append((start, start + event.duration_ps))
+    busy = union_length(intervals) / 1e9 / steps
+    rows = [(short_name(name), counts[name] / steps, ps / 1e9 / steps)
+            for name, ps in totals.most_common()]
+    return rows, busy, "GPU kernels" if gpu_planes else "host TensorFlow events (no GPU)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layer", default="fixed", help="local, strided, fixed or mha")
+    parser.add_argument("--implementation", default="op")
+    parser.add_argument("--length", type=int, default=12288)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    from bench_layers import make_step  # pylint: disable=import-outside-toplevel
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    with tf.device("/GPU:0" if gpu else "/CPU:0"):
+        step, x = make_step(args.layer, None if args.layer == "mha" else args.implementation,
+                            args.length, args.batch, args.dtype)
+        for _ in range(3):
+            step(x).numpy()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            result = step(x)
+        result.numpy()
+        wall = (time.perf_counter() - start) * 1e3 / args.steps
+        logdir = tempfile.mkdtemp(prefix="profile_layer_")
+        tf.profiler.experimental.start(logdir)
+        for _ in range(args.steps):
+            result = step(x)
+        result.numpy()
+        tf.profiler.experimental.stop()
+    rows, busy, source = summarize(logdir, args.steps)
+    title = (f"{args.layer} ({args.implementation}), T={args.length}, batch {args.batch}, "
+             f"{args.dtype}: {source} per step")
+    print(title)
+    print(f"| {'kernel':<90} | per step | ms / step | share |")
+    print(f"|{'-' * 92}|---|---|---|")
+    for name, count, ms in rows[: args.top]:
+        print(f"| {name:<90} | {count:.1f} | {ms:.3f} | {ms / busy:.0%} |" if busy else
+              f"| {name:<90} | {count:.1f} | {ms:.3f} | - |")
+    print(f"\nwall {wall:.3f} ms / step (unprofiled, {args.steps} steps back to back); "
+          f"busy {busy:.3f} ms / step; gap {wall - busy:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
