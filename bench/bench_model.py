@@ -179,7 +179,7 @@ def gpu_table(results) -> str:
                      r.get("implementation", "-")])
     table = markdown_table(["model (one training step, bf16, batch 1)", "ms / step",
                             "vs dense", "peak GiB", "params", "attention"], rows)
-    notes = ["", "", "enwik8: 30 layers, d=512, 8 heads, T=12,288, fixed l=128 c=32, strided "
+    notes = ["enwik8: 30 layers, d=512, 8 heads, T=12,288, fixed l=128 c=32, strided "
              "l=128 (local and strided layers interleaved; 'merged': both in every head), "
              "blocks recomputed in backward unless noted. Audio: T=1,048,576, 14 layers, "
              "d=128, 2 heads, strided l=1024. Paper (V100, s/iteration): dense 1.31, fixed 0.55, "
@@ -189,7 +189,7 @@ def gpu_table(results) -> str:
     fixed = by_name.get("enwik8 fixed", {})
     if mha.get("status") == "ok" and fixed.get("status") == "ok":
         notes.append(f"MultiHeadAttention / fixed: {mha['seconds'] / fixed['seconds']:.1f}x.")
-    return table + "\n".join(notes[:2]) + " ".join(notes[2:])
+    return table.rstrip("\n") + "\n\n" + " ".join(n for n in notes if n)
 
 
 def write_report(title, device_name, body, quiet=False):

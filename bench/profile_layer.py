@@ -1,8 +1,10 @@
-"""Where the GPU time of one layer's training step goes: the step of bench_layers.py run under
-TensorFlow's profiler, its GPU kernels summed per step, beside the step's wall time.
+"""Where the GPU time of a training step goes: one layer's step (that of bench_layers.py) or a
+whole model's (model.fit's step function, as bench_model.py times it) run under TensorFlow's
+profiler, its GPU kernels summed per step, beside the step's wall time.
 
     python bench/profile_layer.py --layer fixed --length 12288
     python bench/profile_layer.py --layer strided --length 12288 --implementation portable
+    python bench/profile_layer.py --model enwik8 --num-layers 2 --attention fixed
 
 Prints a table: kernel (name shortened), launches per step, ms per step, share of the GPU's
 busy time; then wall ms per step, GPU busy ms per step (the union of kernel intervals) and the
@@ -28,8 +30,14 @@ sys.path.insert(0, os.path.dirname(HERE))
 def short_name(name, width=90):
     """Kernel names without return types, namespaces and template arguments' namespaces."""
     name = re.sub(r"^void ", "", name)
+    if name.endswith(")"):  # drop the parameter list: the last parenthesised group
+        depth = 0
+        for at in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[at], 0)
+            if depth == 0:
+                name = name[:at] if at > 0 else name
+                break
     name = re.sub(r"\b[A-Za-z_][A-Za-z0-9_]*::", "", name)
-    name = name.split("(")[0] if not name.startswith("(") else name
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
@@ -71,7 +79,8 @@ def summarize(logdir, steps):
                 if event.duration_ps == 0:
                     continue
                 name = plane.event_metadata[event.metadata_id].name
-                if not gpu_planes and ":" not in name:  # executor bookkeeping, not an op
+                # Host events of ops are "name:OpType"; "Class::Method" ones are bookkeeping.
+                if not gpu_planes and (":" not in name or "::" in name):
                     continue
                 totals[name] += event.duration_ps
                 counts[name] += 1
@@ -83,47 +92,85 @@ def summarize(logdir, steps):
     return rows, busy, "GPU kernels" if gpu_planes else "host TensorFlow events (no GPU)"
 
 
+def layer_step(args):
+    """A zero-argument callable running one forward + backward of the layer."""
+    from bench_layers import make_step  # pylint: disable=import-outside-toplevel
+
+    step, x = make_step(args.layer, None if args.layer == "mha" else args.implementation,
+                        args.length, args.batch, args.dtype)
+    return lambda: step(x), (f"{args.layer} ({args.implementation}), T={args.length}, "
+                             f"batch {args.batch}, {args.dtype}")
+
+
+def model_step(args):
+    """A zero-argument callable running one training step of the model, built and warmed up
+    through model.fit as bench_model.py does."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    import bench_model  # pylint: disable=import-outside-toplevel
+
+    bench_model._import_models()  # pylint: disable=protected-access
+    from tf_sparse_attn.models import get_config, validate  # pylint: disable=import-outside-toplevel
+    from tf_sparse_attn.models.train import create_model  # pylint: disable=import-outside-toplevel
+
+    overrides = {"train.batch_size": args.batch, "train.jit_compile": False}
+    if args.num_layers:
+        overrides["model.num_layers"] = args.num_layers
+    if args.attention:
+        overrides["model.attention"] = args.attention
+    config = validate(get_config(args.model, overrides))
+    model = create_model(config)
+    tokens = tf.random.uniform([args.batch, config.model.seq_len], 0, config.model.vocab_size,
+                               tf.int32, seed=1)
+    dataset = tf.data.Dataset.from_tensors((tokens, tokens)).repeat()
+    model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
+    iterator = iter(dataset)
+    return (lambda: model.train_function(iterator)["loss"],
+            f"model {args.model} ({config.model.num_layers} layers, {config.model.attention}), "
+            f"T={config.model.seq_len}, batch {args.batch}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layer", default="fixed", help="local, strided, fixed or mha")
     parser.add_argument("--implementation", default="op")
     parser.add_argument("--length", type=int, default=12288)
-    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--model", help="profile a training step of this model configuration "
+                        "(models/config.py) instead of a layer")
+    parser.add_argument("--num-layers", type=int, help="with --model: override the depth")
+    parser.add_argument("--attention", help="with --model: override the attention kinds")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
 
+    import numpy as np  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    from bench_layers import make_step  # pylint: disable=import-outside-toplevel
 
     gpu = bool(tf.config.list_physical_devices("GPU"))
     with tf.device("/GPU:0" if gpu else "/CPU:0"):
-        step, x = make_step(args.layer, None if args.layer == "mha" else args.implementation,
-                            args.length, args.batch, args.dtype)
+        run, what = model_step(args) if args.model else layer_step(args)
         for _ in range(3):
-            step(x).numpy()
+            np.asarray(run())
         start = time.perf_counter()
         for _ in range(args.steps):
-            result = step(x)
-        result.numpy()
+            result = run()
+        np.asarray(result)
         wall = (time.perf_counter() - start) * 1e3 / args.steps
-        logdir = tempfile.mkdtemp(prefix="profile_layer_")
+        logdir = tempfile.mkdtemp(prefix="profile_step_")
         tf.profiler.experimental.start(logdir)
         for _ in range(args.steps):
-            result = step(x)
-        result.numpy()
+            result = run()
+        np.asarray(result)
         tf.profiler.experimental.stop()
     rows, busy, source = summarize(logdir, args.steps)
-    title = (f"{args.layer} ({args.implementation}), T={args.length}, batch {args.batch}, "
-             f"{args.dtype}: {source} per step")
-    print(title)
+    print(f"{what}: {source} per step")
     print(f"| {'kernel':<90} | per step | ms / step | share |")
     print(f"|{'-' * 92}|---|---|---|")
     for name, count, ms in rows[: args.top]:
-        print(f"| {name:<90} | {count:.1f} | {ms:.3f} | {ms / busy:.0%} |" if busy else
-              f"| {name:<90} | {count:.1f} | {ms:.3f} | - |")
+        share = f"{ms / busy:.0%}" if busy else "-"
+        print(f"| {name:<90} | {count:.1f} | {ms:.3f} | {share} |")
     print(f"\nwall {wall:.3f} ms / step (unprofiled, {args.steps} steps back to back); "
           f"busy {busy:.3f} ms / step; gap {wall - busy:.3f} ms")
 

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_sparse_attn.layers.projection import DenseProjection
 from tf_sparse_attn.models.config import ModelConfig
 from tf_sparse_attn.models.embeddings import FactorizedPositionEmbedding
 
@@ -130,9 +131,11 @@ class TransformerBlock(keras.layers.Layer):
                                                               name="attention_norm")
         self.attention = make_attention(kind, config, name="attention")
         self.ffn_norm = keras.layers.LayerNormalization(epsilon=LN_EPSILON, name="ffn_norm")
-        self.ffn_in = keras.layers.Dense(config.ffn_multiplier * d, activation="gelu",
-                                         kernel_initializer=normal, name="ffn_in")
-        self.ffn_out = keras.layers.Dense(d, kernel_initializer=ScaledInitializer(
+        # Dense layers whose bias gradient is a matrix product (see tf_sparse_attn's
+        # projections): the reduction TensorFlow uses is slow for long sequences on the GPU.
+        self.ffn_in = DenseProjection(config.ffn_multiplier * d, activation="gelu",
+                                      kernel_initializer=normal, name="ffn_in")
+        self.ffn_out = DenseProjection(d, kernel_initializer=ScaledInitializer(
             normal, depth_scale), name="ffn_out")
         self.depth_scale = depth_scale
         self.rate = float(config.dropout)

@@ -34,39 +34,35 @@ def _layout_tensors(layout: BlockLayout):
             tf.constant(layout.block_flags))
 
 
-def _swap_factors(x: tf.Tensor, outer: int, inner: int, axis: int) -> tf.Tensor:
-    """Views `axis` (of length outer * inner) as [outer, inner] and transposes those two: index
-    o * inner + i goes to i * outer + o. A transpose rather than a gather, so that its gradient
-    is a transpose too and not a scatter-add."""
-    shape = tf.shape(x)
-    split = tf.concat([shape[:axis], [outer, inner], shape[axis + 1:]], axis=0)
-    perm = list(range(x.shape.rank + 1))
-    perm[axis], perm[axis + 1] = axis + 1, axis
-    y = tf.reshape(tf.transpose(tf.reshape(x, split), perm), shape)
-    y.set_shape(x.shape)
-    return y
+def _permute_tokens(x: tf.Tensor, to: np.ndarray, back: np.ndarray, axis: int) -> tf.Tensor:
+    """x gathered along `axis` by the permutation `to`, with the gradient gathered by its
+    inverse `back`: TensorFlow's own gradient of a gather is a scatter-add, which is slow on
+    the GPU and needless for a permutation."""
+
+    @tf.custom_gradient
+    def permute(x):
+        def grad(dy):
+            return tf.gather(dy, back, axis=axis)
+        return tf.gather(x, to, axis=axis), grad
+
+    return permute(x)
 
 
 def reorder_tokens(x: tf.Tensor, layout: BlockLayout, axis: int = 1) -> tf.Tensor:
     """Puts a padded sequence (length layout.seq_len along `axis`) into the layout's token
     order: token t goes to (t mod l) * (T / l) + t // l. A no-op for natural-order layouts."""
-    stride = layout.reorder_stride
-    if not stride:
+    if not layout.reorder_stride:
         return x
-    if layout.seq_len % stride == 0:
-        return _swap_factors(x, layout.seq_len // stride, stride, axis)
-    inverse = np.argsort(layout.token_permutation()).astype(np.int32)
-    return tf.gather(x, inverse, axis=axis)
+    perm = layout.token_permutation().astype(np.int32)
+    return _permute_tokens(x, np.argsort(perm).astype(np.int32), perm, axis)
 
 
 def restore_token_order(x: tf.Tensor, layout: BlockLayout, axis: int = 1) -> tf.Tensor:
     """Inverse of `reorder_tokens`."""
-    stride = layout.reorder_stride
-    if not stride:
+    if not layout.reorder_stride:
         return x
-    if layout.seq_len % stride == 0:
-        return _swap_factors(x, stride, layout.seq_len // stride, axis)
-    return tf.gather(x, layout.token_permutation().astype(np.int32), axis=axis)
+    perm = layout.token_permutation().astype(np.int32)
+    return _permute_tokens(x, perm, np.argsort(perm).astype(np.int32), axis)
 
 
 def sparse_attention(q, k, v, layout: BlockLayout, causal: bool = True, scale: float | None = None,

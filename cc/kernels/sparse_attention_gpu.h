@@ -80,6 +80,14 @@ void BuildTileWork(const SparseAttentionParams& p, bool transposed, int tile_row
                    const int32_t* offsets_in, const int32_t* indices_in, const int32_t* flags_in,
                    std::vector<int32_t>* offsets, std::vector<int32_t>* entries);
 
+// The lists of one kind for the layout in p (host pointers): those of dq (query tiles of kTile
+// rows), of the forward (kFwdTile or kTile query rows) or of dk/dv (kTile or kNarrowKeyTile key
+// rows); where two heights are possible, the tensor-core kernels get the one the layout
+// favours. Returns the tile height the lists were built for.
+enum class ListKind { kDq = 0, kForward = 1, kKey = 2 };
+int BuildWorkLists(const SparseAttentionParams& p, ListKind kind, std::vector<int32_t>* offsets,
+                   std::vector<int32_t>* entries);
+
 // Whether the GPU kernels take this problem; *why gets the reason when they do not.
 bool Supported(const SparseAttentionParams& p, const char** why);
 

@@ -30,67 +30,6 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Status;
 using ::tensorflow::Tensor;
 
-namespace gpu {
-
-void BuildTileWork(const SparseAttentionParams& p, bool transposed, int tile_rows,
-                   const int32_t* offsets_in, const int32_t* indices_in, const int32_t* flags_in,
-                   std::vector<int32_t>* offsets, std::vector<int32_t>* entries) {
-  const int bs = p.block_size;
-  const int row_len = transposed ? p.kv_len : p.q_len;  // tokens along the tile side
-  const int nrows = transposed ? p.num_kv_blocks : p.num_q_blocks;
-  const int tiles = (row_len + tile_rows - 1) / tile_rows;
-  offsets->assign(static_cast<size_t>(p.layout_heads) * tiles + 1, 0);
-  entries->clear();
-  std::vector<std::pair<int, int32_t>> items;
-  for (int lh = 0; lh < p.layout_heads; ++lh) {
-    for (int t = 0; t < tiles; ++t) {
-      const int r0 = t * tile_rows, r1 = std::min(r0 + tile_rows, row_len) - 1;
-      const int b0 = r0 / bs, b1 = r1 / bs;
-      items.clear();
-      for (int blk = b0; blk <= b1; ++blk) {
-        const int sub = blk - b0;
-        // Tile-side tokens of this layout row.
-        const int a0 = std::max(r0, blk * bs), a1 = std::min(r1, blk * bs + bs - 1);
-        const int row = lh * nrows + blk;
-        for (int e = offsets_in[row]; e < offsets_in[row + 1]; ++e) {
-          const bool windowed = (flags_in[e] & kBlockWindowed) != 0;
-          for (int u = 0; u < bs / kChunk; ++u) {
-            const int c0 = indices_in[e] * bs + u * kChunk, c1 = c0 + kChunk - 1;
-            const int qlo = transposed ? c0 : a0, qhi = transposed ? c1 : a1;
-            const int klo = transposed ? a0 : c0, khi = transposed ? a1 : c1;
-            if (p.causal && klo > qhi) continue;  // every key after every query
-            bool partial = p.causal && khi > qlo;
-            if (windowed) {
-              const int dmin = std::max(0, std::max(klo - qhi, qlo - khi));
-              const int dmax = std::max(qhi - klo, khi - qlo);
-              if (p.window > 0 && dmin >= p.window) continue;
-              if (dmax < p.min_distance) continue;
-              if ((p.window > 0 && dmax >= p.window) || dmin < p.min_distance) partial = true;
-            }
-            int32_t info = 1 << sub;
-            if (windowed) info |= 1 << (kInfoWindowShift + sub);
-            if (partial) info |= kInfoPartial;
-            items.emplace_back(c0, info);
-          }
-        }
-      }
-      std::sort(items.begin(), items.end());
-      const int32_t full = (1 << (b1 - b0 + 1)) - 1;
-      for (size_t k = 0; k < items.size();) {
-        const int c0 = items[k].first;
-        int32_t info = 0;
-        for (; k < items.size() && items[k].first == c0; ++k) info |= items[k].second;
-        if ((info & full) != full) info |= kInfoPartial;  // some row of the tile skips it
-        entries->push_back(c0);
-        entries->push_back(info);
-      }
-      (*offsets)[static_cast<size_t>(lh) * tiles + t + 1] =
-          static_cast<int32_t>(entries->size() / 2);
-    }
-  }
-}
-
-}  // namespace gpu
 
 namespace {
 
@@ -122,23 +61,19 @@ class WorkCache {
     return cache;
   }
 
-  // Which lists: those of dq (query tiles of kTile rows), of the forward (query tiles of
-  // kFwdTile or kTile rows) or of dk/dv (key tiles of kTile or kNarrowKeyTile rows). Where two
-  // tile heights are possible, the tensor-core kernels get the one the layout favours.
-  enum class Kind { kDq = 0, kForward = 1, kKey = 2 };
+  using Kind = gpu::ListKind;
 
   Status Lookup(OpKernelContext* ctx, const SparseAttentionParams& p, Kind kind, Lists* lists) {
     const bool transposed = kind == Kind::kKey;
-    const bool choose = kind != Kind::kDq && gpu::HasMma(p);
     const int32_t* off = transposed ? p.col_offsets : p.row_offsets;
     const int32_t* idx = transposed ? p.row_indices : p.col_indices;
     const int32_t* flg = transposed ? p.csc_flags : p.block_flags;
     const int nrows = p.layout_heads * (transposed ? p.num_kv_blocks : p.num_q_blocks);
     const int nnz = off[nrows];
     const intptr_t device = reinterpret_cast<intptr_t>(ctx->device());
-    const Header header = {static_cast<int>(kind) * 2 + (choose ? 1 : 0), p.block_size, p.q_len,
-                           p.kv_len, p.layout_heads, p.causal ? 1 : 0, p.window,
-                           p.min_distance, nrows, nnz, static_cast<int64_t>(device)};
+    const Header header = {static_cast<int>(kind) * 2 + (gpu::HasMma(p) ? 1 : 0),
+                           p.block_size, p.q_len, p.kv_len, p.layout_heads, p.causal ? 1 : 0,
+                           p.window, p.min_distance, nrows, nnz, static_cast<int64_t>(device)};
     const size_t off_bytes = sizeof(int32_t) * (static_cast<size_t>(nrows) + 1);
     const size_t nnz_bytes = sizeof(int32_t) * static_cast<size_t>(nnz);
     {
@@ -157,23 +92,7 @@ class WorkCache {
       }
     }
     std::vector<int32_t> offsets, entries;
-    int tile_rows = gpu::kTile;
-    gpu::BuildTileWork(p, transposed, tile_rows, off, idx, flg, &offsets, &entries);
-    if (choose) {
-      // Products are chunks x tile rows. A taller forward tile reuses each gathered key chunk
-      // for twice the queries, worth up to a tenth more products; a narrower key tile reuses
-      // each query chunk for half the keys, so it has to save a fifth of them.
-      const int other = transposed ? gpu::kNarrowKeyTile : gpu::kFwdTile;
-      const double limit = transposed ? 0.8 : 1.1;
-      std::vector<int32_t> other_offsets, other_entries;
-      gpu::BuildTileWork(p, transposed, other, off, idx, flg, &other_offsets, &other_entries);
-      const double base = static_cast<double>(entries.size()) * gpu::kTile;
-      if (static_cast<double>(other_entries.size()) * other <= limit * base) {
-        offsets.swap(other_offsets);
-        entries.swap(other_entries);
-        tile_rows = other;
-      }
-    }
+    const int tile_rows = gpu::BuildWorkLists(p, kind, &offsets, &entries);
     const int64_t total = static_cast<int64_t>(offsets.size()) + entries.size();
     if (total >= (int64_t{1} << 31)) {
       return ::tensorflow::errors::InvalidArgument("block layout too large for the GPU kernels");
@@ -249,7 +168,7 @@ struct SparseAttentionRunner<GPUDevice> {
   static Status Forward(OpKernelContext* ctx, const SparseAttentionParams& p) {
     TF_RETURN_IF_ERROR(CheckSupported(p));
     WorkCache::Lists q;
-    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, WorkCache::Kind::kForward, &q));
+    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, gpu::ListKind::kForward, &q));
     const size_t rows = size_t(p.batch) * p.q_len * p.heads;
     TF_RETURN_IF_ERROR(MaybePoison(ctx, {{p.out, rows * p.value_dim * ElementBytes(p)},
                                          {p.lse, rows * sizeof(float)}}));
@@ -266,8 +185,8 @@ struct SparseAttentionRunner<GPUDevice> {
   static Status Backward(OpKernelContext* ctx, const SparseAttentionParams& p) {
     TF_RETURN_IF_ERROR(CheckSupported(p));
     WorkCache::Lists q, k;
-    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, WorkCache::Kind::kDq, &q));
-    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, WorkCache::Kind::kKey, &k));
+    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, gpu::ListKind::kDq, &q));
+    TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, gpu::ListKind::kKey, &k));
     Tensor delta;
     TF_RETURN_IF_ERROR(ctx->allocate_temp(
         ::tensorflow::DT_FLOAT,

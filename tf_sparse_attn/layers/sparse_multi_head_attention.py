@@ -8,6 +8,7 @@ import keras
 import numpy as np
 from keras import constraints, initializers, ops, regularizers
 
+from tf_sparse_attn.layers.projection import EinsumProjection
 from tf_sparse_attn.layouts import PATTERNS, BlockLayout, make_layout, padded_length
 from tf_sparse_attn.portable import merge_attention, portable_sparse_attention
 from tf_sparse_attn.reference import reference_attention
@@ -445,7 +446,7 @@ class SparseMultiHeadAttention(keras.layers.Layer):
         heads = self._num_heads
 
         def projection(name, size, shape):
-            layer = keras.layers.EinsumDense(
+            layer = EinsumProjection(
                 "abc,cde->abde", output_shape=(None, heads, size),
                 bias_axes="de" if self._use_bias else None, name=name,
                 **self._sublayer_kwargs())
@@ -457,7 +458,7 @@ class SparseMultiHeadAttention(keras.layers.Layer):
         self._value_dense = projection("value", self._value_dim, value_shape)
         out_dims = self._output_shape or (query_shape[-1],)
         letters = "fghijklmn"[:len(out_dims)]
-        self._output_dense = keras.layers.EinsumDense(
+        self._output_dense = EinsumProjection(
             f"abcd,cd{letters}->ab{letters}", output_shape=(None,) + tuple(out_dims),
             bias_axes=letters if self._use_bias else None, name="attention_output",
             **self._sublayer_kwargs())

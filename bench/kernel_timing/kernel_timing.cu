@@ -1,0 +1,180 @@
+// Kernel-only timing of the GPU launchers, without TensorFlow: CUDA-event time per call of the
+// forward, the whole backward and dq alone (bfloat16, batch 2, 8 heads) on a layout written by
+// dump_layouts.py, with the work lists the op would build. Prints checksums of the outputs, so
+// that two builds of the kernels can be compared on the same inputs.
+//
+//   kernel_timing LAYOUT.bin HEAD_DIM LABEL
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "cc/kernels/sparse_attention_kernels.cuh"
+
+using namespace tf_sparse_attn;       // NOLINT
+using namespace tf_sparse_attn::gpu;  // NOLINT
+
+#define CHECK_CUDA(x)                                                                 \
+  do {                                                                                \
+    cudaError_t e = (x);                                                              \
+    if (e != cudaSuccess) {                                                           \
+      std::printf("CUDA error %s at line %d\n", cudaGetErrorString(e), __LINE__);     \
+      std::exit(1);                                                                   \
+    }                                                                                 \
+  } while (0)
+
+namespace {
+
+std::vector<int32_t> ReadInts(const char* path) {
+  FILE* f = std::fopen(path, "rb");
+  if (f == nullptr) {
+    std::printf("cannot open %s\n", path);
+    std::exit(1);
+  }
+  std::fseek(f, 0, SEEK_END);
+  const long bytes = std::ftell(f);
+  std::fseek(f, 0, SEEK_SET);
+  std::vector<int32_t> v(bytes / 4);
+  if (std::fread(v.data(), 4, v.size(), f) != v.size()) std::exit(1);
+  std::fclose(f);
+  return v;
+}
+
+int32_t* ToDevice(const std::vector<int32_t>& v) {
+  int32_t* d;
+  CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(4, v.size() * 4)));
+  CHECK_CUDA(cudaMemcpy(d, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+  return d;
+}
+
+// Deterministic values in [-1, 1): a hash of the index, so that no run times zeros.
+__global__ void FillHashed(__nv_bfloat16* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    h ^= h >> 15;
+    x[i] = __float2bfloat16((h & 0xffff) / 32768.f - 1.f);
+  }
+}
+
+double AbsSum(const __nv_bfloat16* d, size_t n) {
+  std::vector<__nv_bfloat16> h(n);
+  CHECK_CUDA(cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost));
+  double s = 0;
+  for (auto x : h) s += std::fabs(__bfloat162float(x));
+  return s;
+}
+
+template <int D>
+const char* LaunchDq(const SparseAttentionParams& p, const TileWork& w) {
+  dim3 grid;
+  if (const char* err = detail::FlatGrid(QueryTiles(p), p, &grid)) return err;
+  return detail::Launch(detail::MmaDqKernel<ElementType::kBFloat16, D>, grid,
+                        detail::DqConfig<D>::SmemBytes(2), nullptr, p, w);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 4) {
+    std::printf("usage: %s LAYOUT.bin HEAD_DIM LABEL\n", argv[0]);
+    return 2;
+  }
+  // Layout file: block_size, T, window, min_distance, CSR length + 1, nnz, then the CSR
+  // (offsets, indices, flags) and the CSC (offsets, indices, flags), all int32.
+  const std::vector<int32_t> all = ReadInts(argv[1]);
+  const int D = std::atoi(argv[2]);
+  const int bs = all[0], T = all[1], nr1 = all[4], nnz = all[5];
+  const int32_t* csr = &all[6];
+  SparseAttentionParams p;
+  p.dtype = ElementType::kBFloat16;
+  p.batch = 2;
+  p.heads = 8;
+  p.q_len = p.kv_len = T;
+  p.head_dim = p.value_dim = D;
+  p.block_size = bs;
+  p.num_q_blocks = p.num_kv_blocks = T / bs;
+  p.layout_heads = (nr1 - 1) / (T / bs);
+  p.nnz = nnz;
+  p.scale = 1.f / std::sqrt(float(D));
+  p.causal = true;
+  p.window = all[2];
+  p.min_distance = all[3];
+  p.row_offsets = csr;
+  p.col_indices = csr + nr1;
+  p.block_flags = csr + nr1 + nnz;
+  p.col_offsets = csr + nr1 + 2 * nnz;
+  p.row_indices = p.col_offsets + nr1;
+  p.csc_flags = p.row_indices + nnz;
+
+  std::vector<int32_t> fo, fe, qo, qe, ko, ke;
+  TileWork forward, backward;
+  forward.query_tile = BuildWorkLists(p, ListKind::kForward, &fo, &fe);
+  BuildWorkLists(p, ListKind::kDq, &qo, &qe);
+  backward.key_tile = BuildWorkLists(p, ListKind::kKey, &ko, &ke);
+  forward.q_offsets = ToDevice(fo);
+  forward.q_entries = ToDevice(fe);
+  backward.q_offsets = ToDevice(qo);
+  backward.q_entries = ToDevice(qe);
+  backward.k_offsets = ToDevice(ko);
+  backward.k_entries = ToDevice(ke);
+
+  const size_t n = size_t(2) * T * 8 * D;
+  __nv_bfloat16 *q, *k, *v, *o, *d_out, *dq, *dk, *dv;
+  for (auto ptr : {&q, &k, &v, &o, &d_out, &dq, &dk, &dv}) CHECK_CUDA(cudaMalloc(ptr, n * 2));
+  float *lse, *delta;
+  CHECK_CUDA(cudaMalloc(&lse, size_t(2) * 8 * T * 4));
+  CHECK_CUDA(cudaMalloc(&delta, size_t(2) * 8 * T * 4));
+  FillHashed<<<1024, 256>>>(q, n, 1);
+  FillHashed<<<1024, 256>>>(k, n, 2);
+  FillHashed<<<1024, 256>>>(v, n, 3);
+  FillHashed<<<1024, 256>>>(d_out, n, 4);
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = o;
+  p.lse = lse;
+  p.d_out = d_out;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  backward.delta = delta;
+
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  const char* err = nullptr;
+  auto time_ms = [&](auto launch) {
+    for (int i = 0; i < 3; ++i) err = err ? err : launch();
+    CHECK_CUDA(cudaDeviceSynchronize());
+    const int reps = 20;
+    cudaEventRecord(start);
+    for (int i = 0; i < reps; ++i) err = err ? err : launch();
+    cudaEventRecord(stop);
+    CHECK_CUDA(cudaEventSynchronize(stop));
+    float ms;
+    cudaEventElapsedTime(&ms, start, stop);
+    return ms / reps;
+  };
+  const float fwd = time_ms([&] { return LaunchForward(p, forward, nullptr); });
+  const float bwd = time_ms([&] { return LaunchBackward(p, backward, nullptr); });
+  float dq_only = 0.f;
+  if (D == 64) dq_only = time_ms([&] { return LaunchDq<64>(p, backward); });
+  if (D == 128) dq_only = time_ms([&] { return LaunchDq<128>(p, backward); });
+  if (err != nullptr) {
+    std::printf("%s: launch error %s\n", argv[3], err);
+    return 1;
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::printf("%-24s d=%3d T=%6d tiles q%d k%d | fwd %7.3f | bwd %7.3f (dq %7.3f dk/dv %7.3f) | "
+              "fwd+bwd %7.3f ms | sums out %.6e dq %.6e dk %.6e dv %.6e\n",
+              argv[3], D, T, forward.query_tile, backward.key_tile, fwd, bwd, dq_only,
+              bwd - dq_only, fwd + bwd, AbsSum(o, n), AbsSum(dq, n), AbsSum(dk, n),
+              AbsSum(dv, n));
+  return 0;
+}

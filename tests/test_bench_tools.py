@@ -1,0 +1,48 @@
+"""The benchmark tools' own logic: the profile summary's interval union and kernel names, and
+the layout files the kernel timing tool reads."""
+
+import os
+import sys
+
+import numpy as np
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+sys.path.insert(0, os.path.join(BENCH, "kernel_timing"))
+
+import dump_layouts  # noqa: E402  pylint: disable=wrong-import-position
+import profile_layer  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def test_union_length_counts_overlaps_once():
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, 1000, 200)
+    intervals = [(int(s), int(s + rng.integers(1, 50))) for s in starts]
+    covered = np.zeros(1100, bool)
+    for lo, hi in intervals:
+        covered[lo:hi] = True
+    assert profile_layer.union_length(intervals) == covered.sum()
+    assert profile_layer.union_length([]) == 0
+
+
+def test_short_name_drops_namespaces_and_arguments():
+    name = ("void tf_sparse_attn::gpu::detail::MmaDqKernel<(tf_sparse_attn::ElementType)2, 64>"
+            "(tf_sparse_attn::SparseAttentionParams, tf_sparse_attn::gpu::TileWork)")
+    assert profile_layer.short_name(name) == "MmaDqKernel<(ElementType)2, 64>"
+    assert len(profile_layer.short_name("k" * 200, width=40)) == 40
+
+
+def test_layout_file_holds_csr_and_csc():
+    layout = dump_layouts.bench_gpu.build_layout("fixed", 1024)
+    ints = dump_layouts.layout_ints(layout)
+    block, length, window, min_distance, rows1, nnz = ints[:6]
+    assert (block, length) == (layout.block_size, 1024)
+    assert (window, min_distance) == (layout.window, layout.min_distance)
+    csr = ints[6:]
+    np.testing.assert_array_equal(csr[:rows1], layout.row_offsets)
+    np.testing.assert_array_equal(csr[rows1:rows1 + nnz], layout.col_indices)
+    col_offsets, row_indices, _ = dump_layouts.bench_gpu.transpose(layout)
+    csc = csr[rows1 + 2 * nnz:]
+    np.testing.assert_array_equal(csc[:rows1], col_offsets)
+    np.testing.assert_array_equal(csc[rows1:rows1 + nnz], row_indices)
+    assert len(ints) == 6 + 2 * rows1 + 4 * nnz
