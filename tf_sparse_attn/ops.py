@@ -93,8 +93,11 @@ def sparse_attention(q, k, v, layout: BlockLayout, causal: bool = True, scale: f
     time = tf.shape(q)[1]
     padded = layout.seq_len
     pad = padded - time
+    # A sequence known to fill the layout skips the pad and the crop: each is a copy of the
+    # tensor (and of its gradient) even when nothing is added or cut.
+    exact = length is not None and length == padded
     paddings = [[0, 0], [0, pad], [0, 0], [0, 0]]
-    q_p, k_p, v_p = (tf.pad(t, paddings) for t in (q, k, v))
+    q_p, k_p, v_p = (t if exact else tf.pad(t, paddings) for t in (q, k, v))
 
     # Padded keys sit after every real query, so causality already hides them; without
     # causality (or with a user mask) they are masked through the key bias.
@@ -111,10 +114,12 @@ def sparse_attention(q, k, v, layout: BlockLayout, causal: bool = True, scale: f
     q_p, k_p, v_p = (reorder_tokens(t, layout) for t in (q_p, k_p, v_p))
     out, lse = load_op_library().block_sparse_attention(
         q_p, k_p, v_p, key_bias, *_layout_tensors(layout), **_attrs(layout, scale, causal))
-    out = restore_token_order(out, layout)[:, :time]
-    if not return_lse:
-        return out
-    return out, restore_token_order(lse, layout, axis=2)[:, :, :time]
+    out = restore_token_order(out, layout)
+    lse = restore_token_order(lse, layout, axis=2) if return_lse else None
+    if not exact:
+        out = out[:, :time]
+        lse = lse[:, :, :time] if return_lse else None
+    return (out, lse) if return_lse else out
 
 
 def _transpose_layout(row_offsets, col_indices, block_flags, num_q_blocks, num_kv_blocks):

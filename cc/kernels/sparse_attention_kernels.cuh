@@ -137,7 +137,8 @@ __device__ __forceinline__ int OffsetBt(int lane) {
 }
 
 // 2^x in one MUFU instruction. exp2f adds range handling for results below 2^-126; those flush
-// to zero here, which no softmax weight notices (they are below bf16/f16 resolution of 1).
+// to zero here, which no softmax weight notices: it is relative to the row maximum's weight of
+// 1, far below bf16 or f16 resolution.
 __device__ __forceinline__ float FastExp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -227,8 +228,7 @@ struct FwdConfig {
 template <ElementType E, int D, int ROWS>
 __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
                                   FwdConfig<D, ROWS>::kMinBlocks)
-    MmaForwardKernel(const SparseAttentionParams p,
-                                                         const TileWork w) {
+    MmaForwardKernel(const SparseAttentionParams p, const TileWork w) {
   using Cfg = FwdConfig<D, ROWS>;
   using T = typename Elem<E>::T;
   constexpr int S = Cfg::kS, KN = Cfg::kKeys, NT = KN / 8;
@@ -678,8 +678,8 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
   // Narrow tiles (sparse columns, e.g. the fixed pattern's summaries) go tile-major over (batch,
   // head), so that the heaviest tiles of every head start in the first waves instead of those
   // of the last head starting last and running alone. Wide tiles (dense-like layouts) go
-  // head-major: the CTAs of one head then stream the same Q and dO through L2, where
-  // interleaving every head's (64 MB at T=16384, 16 heads) overflowed it (5% slower).
+  // head-major, so that the CTAs in flight share one head's Q and dO in L2: tile-major was 5%
+  // slower there (every head's Q and dO, 64 MB at T=16384 and 16 heads, exceed the 50 MB L2).
   const int bhs = p.batch * p.heads, tiles = (p.kv_len + KT - 1) / KT;
   const int tile = kNarrow ? blockIdx.x / bhs : blockIdx.x % tiles;
   const int bh = kNarrow ? blockIdx.x % bhs : blockIdx.x / tiles;
