@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Layer- and model-level GPU benchmarks, run from the repository root on a machine where
 # TensorFlow sees a GPU and the op library is built. Tables go to $OUT (when set) and stdout.
+# Wall time on an H100 (2026-11): layers (op path, three lengths) about 3 min; each model case
+# 2.5-3 min, most of it TensorFlow's start and the 30-layer step's trace.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
@@ -8,11 +10,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MI
 made_link=0
 if [ ! -e tf_sparse_attn/models ]; then ln -s ../models tf_sparse_attn/models && made_link=1; fi
 status=0
-if [ -f bench/bench_layers.py ]; then
-  timeout ${LAYERS_TIMEOUT:-90} python bench/bench_layers.py --device gpu --dtype bfloat16 --lengths 4096,12288,16384 --repeats 10 || status=1
-fi
-if [ -f bench/bench_model.py ]; then
-  timeout ${MODEL_TIMEOUT:-145} python bench/bench_model.py --device gpu --quick --budget ${MODEL_BUDGET:-135} --time-limit 75 || status=1
-fi
+for layer in fixed strided; do
+  timeout 60 python bench/profile_layer.py --layer "$layer" --length 12288 || status=1
+done
+timeout ${LAYERS_TIMEOUT:-240} python bench/bench_layers.py --device gpu --dtype bfloat16 \
+  --lengths 4096,12288,16384 --implementations ${LAYER_IMPLEMENTATIONS:-op} || status=1
+# MODEL_CASES: a comma-separated list of bench_model.py case names (substrings) to run.
+only=()
+IFS=, read -ra cases <<< "${MODEL_CASES:-enwik8 dense,enwik8 fixed,enwik8 strided,MultiHeadAttention}"
+for case in "${cases[@]}"; do only+=(--only "$case"); done
+timeout ${MODEL_TIMEOUT:-900} python bench/bench_model.py --device gpu --quick \
+  --budget ${MODEL_BUDGET:-880} --time-limit 200 "${only[@]}" || status=1
 [ "$made_link" = 1 ] && rm -f tf_sparse_attn/models
 exit $status

@@ -1,5 +1,6 @@
 #!/bin/bash
-# GPU checks in one go: tests, sanitizers, benchmark. Logs go to $OUT (or /tmp/gpu_out).
+# GPU checks in one go: tests, sanitizers, kernel benchmarks, then (unless SKIP_EXTRA) the layer
+# and model benchmarks of gpu_extra.sh. Logs go to $OUT (or /tmp/gpu_out).
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -19,7 +20,16 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   echo "bench rc $?" | tee -a "$OUT/summary.txt"
   cp bench/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
 fi
+if [ -z "${SKIP_KERNEL_TIMING:-}" ]; then
+  # The kernels alone, built here for sm_90 (no TensorFlow in the measurement).
+  kt=/tmp/kernel_timing
+  mkdir -p $kt
+  python3 bench/kernel_timing/dump_layouts.py $kt/layouts > /dev/null &&
+    bash bench/kernel_timing/build.sh . $kt/kernel_timing > $OUT/kernel_timing_build.log 2>&1 &&
+    bash bench/kernel_timing/run.sh $kt/layouts $kt/kernel_timing > $OUT/kernel_timing.txt 2>&1
+  echo "kernel timing rc $?" | tee -a "$OUT/summary.txt"
+fi
 if [ -z "${SKIP_EXTRA:-}" ] && [ -f bench/gpu_extra.sh ]; then
-  timeout ${EXTRA_TIMEOUT:-240} bash bench/gpu_extra.sh > "$OUT/gpu_extra.log" 2>&1
+  timeout ${EXTRA_TIMEOUT:-1200} bash bench/gpu_extra.sh > "$OUT/gpu_extra.log" 2>&1
   echo "gpu_extra rc $?" | tee -a "$OUT/summary.txt"
 fi
