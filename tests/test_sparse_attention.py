@@ -170,3 +170,23 @@ def test_gradient_with_layout_tensors_that_are_not_constants(op_library):
     assert relative_error(out.numpy(), ref_out) < 2e-5
     for grad, ref in zip((dq, dk, dv), ref_grads):
         assert relative_error(grad.numpy(), ref) < 1e-4
+
+
+@pytest.mark.parametrize("time", [256, 200])
+def test_pad_and_crop_only_for_sequences_shorter_than_the_layout(time):
+    layout = BlockLayout.strided(256, 16, 16)
+
+    @tf.function
+    def step(q, k, v):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out, lse = sparse_attention(q, k, v, layout, return_lse=True)
+            loss = tf.reduce_sum(out * out) + tf.reduce_sum(lse)
+        return tape.gradient(loss, [q, k, v])
+
+    spec = tf.TensorSpec([2, time, 3, 16], tf.float32)
+    graph = step.get_concrete_function(spec, spec, spec).graph
+    # Copies of a data tensor; slicing the shape vector for the length does not count.
+    copies = {op.type for op in graph.get_operations()
+              if op.type in ("Pad", "StridedSlice") and op.inputs[0].shape.rank >= 3}
+    assert copies == ({"Pad", "StridedSlice"} if time < 256 else set())
