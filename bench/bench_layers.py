@@ -143,15 +143,16 @@ def measure(kind, implementation, length, batch, dtype, device, repeats, xla):
 def portable_estimate_gib(kind, length, batch, dtype):
     """Rough peak of the portable path: the gathered keys and values (and their gradients)
     and the float32 scores, per layout pass."""
-    from tf_sparse_attn.portable import _ell_table  # pylint: disable=import-outside-toplevel
+    from tf_sparse_attn.portable import _row_groups  # pylint: disable=import-outside-toplevel
 
     layer = make_layer(kind, "portable", "float32", length)
     size = 4 if dtype == "float32" else 2
     total = 0
     for layout in layer.layouts_for(length):
-        blocks = _ell_table(layout)[0].shape[-1]  # key blocks gathered per query block
-        rows = batch * HEADS * layout.seq_len
-        total += rows * blocks * (4 * HEAD_DIM * size + 3 * 4 * layout.block_size)
+        for first, end, cols, _, _ in _row_groups(layout):
+            blocks = cols.shape[-1]  # key blocks gathered per query block of the range
+            rows = batch * HEADS * (end - first) * layout.block_size
+            total += rows * blocks * (4 * HEAD_DIM * size + 3 * 4 * layout.block_size)
     return total / 2 ** 30
 
 
