@@ -3,8 +3,8 @@
 TensorFlow differentiates a broadcast bias add with a reduction over every token (BiasAddGrad or
 a column Sum). On the GPU those run far below memory speed for long sequences: at T=12288 the
 bias gradients of a sparse attention layer's four projections took 0.95 ms, a third of the
-layer's step. As ones[1, tokens] @ dY[tokens, features] the same sum runs on the matrix units
-in a few microseconds, accumulating in float32 (TensorFlow's CPU reduction of a bfloat16 bias
+layer's step. As ones[1, tokens] @ dY[tokens, features] the same sum is one matrix product,
+reading dY once and accumulating in float32 (TensorFlow's CPU reduction of a bfloat16 bias
 gradient accumulates in bfloat16). Other backends, and a bias that is not the output's trailing
 dims, keep Keras's own add; the weights and their names are those of the Keras layers.
 """
