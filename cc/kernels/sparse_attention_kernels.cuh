@@ -208,6 +208,60 @@ __device__ __forceinline__ void LoadRows(T* dst, const T* src, int64_t token_str
   }
 }
 
+// Gathers one step of 64 keys (four chunks of the work list from entry e; chunks >= e1 are
+// zero-filled) into K and V shared buffers, and their key bias when there is one: the step
+// loader of the forward and dq kernels.
+template <typename T, int D, int S, int KN, int THREADS>
+__device__ __forceinline__ void LoadKeyStep(T* sK, T* sV, float* sBias, const T* kp,
+                                            const T* vp, const float* bias, int64_t stride,
+                                            const int32_t* ent, int e, int e1) {
+  const int nvalid = min(KN / kChunk, e1 - e);
+  GatherRows<T, D, S, KN, THREADS>(sK, kp, stride, ent + 2 * e, nvalid);
+  GatherRows<T, D, S, KN, THREADS>(sV, vp, stride, ent + 2 * e, nvalid);
+  const int tid = threadIdx.x;
+  if (bias != nullptr && tid < KN) {
+    const int chunk = tid >> 4;
+    const bool valid = chunk < nvalid;
+    const int token = valid ? ent[2 * (e + chunk)] + (tid & 15) : 0;
+    CpAsync4(sBias + tid, bias + token, valid ? 4 : 0);
+  }
+}
+
+// The N work-list entries of one step from entry e (those >= e1 are empty): each chunk's first
+// token and info. Returns whether any pair of the step may be masked (a partial or empty
+// chunk), i.e. whether the token rules apply.
+template <int N>
+__device__ __forceinline__ bool ReadStep(const int32_t* ent, int e, int e1, int (&first)[N],
+                                         int32_t (&info)[N]) {
+  bool partial = false;
+#pragma unroll
+  for (int c = 0; c < N; ++c) {
+    const bool valid = e + c < e1;
+    first[c] = valid ? ent[2 * (e + c)] : 0;
+    info[c] = valid ? ent[2 * (e + c) + 1] : 0;
+    partial |= !valid || (info[c] & kInfoPartial);
+  }
+  return partial;
+}
+
+// The gathered-side token of accumulator element x of n-tile n (8 columns each, two per
+// chunk), for the lane's column pair t4.
+template <int N>
+__device__ __forceinline__ int StepToken(const int (&first)[N], int n, int x, int t4) {
+  return first[n >> 1] + (n & 1) * 8 + 2 * t4 + (x & 1);
+}
+
+// Accumulator tiles 2kk and 2kk+1 (16 rows x 16 columns of f32) as the A operand of the next
+// product, rounded to E.
+template <ElementType E>
+__device__ __forceinline__ void PackA(uint32_t (&a)[4], const float (&lo)[4],
+                                      const float (&hi)[4]) {
+  a[0] = Elem<E>::Pack(lo[0], lo[1]);
+  a[1] = Elem<E>::Pack(lo[2], lo[3]);
+  a[2] = Elem<E>::Pack(hi[0], hi[1]);
+  a[3] = Elem<E>::Pack(hi[2], hi[3]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tensor-core forward.
 
@@ -258,16 +312,8 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
-    const int e = e0 + grp * 4;
-    const int nvalid = min(4, e1 - e);
-    GatherRows<T, D, S, KN, TH>(sK + buf * KN * S, kp, stride, ent + 2 * e, nvalid);
-    GatherRows<T, D, S, KN, TH>(sV + buf * KN * S, vp, stride, ent + 2 * e, nvalid);
-    if (bias != nullptr && tid < KN) {
-      const int chunk = tid >> 4;
-      const bool valid = chunk < nvalid;
-      const int token = valid ? ent[2 * (e + chunk)] + (tid & 15) : 0;
-      CpAsync4(sBias + buf * KN + tid, bias + token, valid ? 4 : 0);
-    }
+    LoadKeyStep<T, D, S, KN, TH>(sK + buf * KN * S, sV + buf * KN * S, sBias + buf * KN, kp,
+                                  vp, bias, stride, ent, e0 + grp * 4, e1);
   };
 
   LoadRows<T, D, S, ROWS, TH>(sQ, qp, stride, q0, p.q_len);
@@ -304,14 +350,7 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
     const int e = e0 + grp * 4;
     int ks[4];
     int32_t info[4];
-    bool partial = false;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const bool valid = e + c < e1;
-      ks[c] = valid ? ent[2 * (e + c)] : 0;
-      info[c] = valid ? ent[2 * (e + c) + 1] : 0;
-      partial |= !valid || (info[c] & kInfoPartial);
-    }
+    const bool partial = ReadStep(ent, e, e1, ks, info);
 
     const T* cK = sK + buf * KN * S;
     const T* cV = sV + buf * KN * S;
@@ -342,7 +381,7 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
           }
           if constexpr (masked) {
             const int c = n >> 1;
-            const int j = ks[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
+            const int j = StepToken(ks, n, x, t4);
             if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
           }
           s[n][x] = v;
@@ -378,10 +417,7 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
 #pragma unroll
     for (int kk = 0; kk < KN / 16; ++kk) {
       uint32_t pa[4];
-      pa[0] = Elem<E>::Pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = Elem<E>::Pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = Elem<E>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = Elem<E>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      PackA<E>(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t vf[4];
@@ -515,16 +551,8 @@ __global__ void __launch_bounds__(128, DqConfig<D>::kMinBlocks)
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
-    const int e = e0 + grp * 4;
-    const int nvalid = min(4, e1 - e);
-    GatherRows<T, D, S, KN, 128>(sK + buf * KN * S, kp, stride, ent + 2 * e, nvalid);
-    GatherRows<T, D, S, KN, 128>(sV + buf * KN * S, vp, stride, ent + 2 * e, nvalid);
-    if (bias != nullptr && tid < KN) {
-      const int chunk = tid >> 4;
-      const bool valid = chunk < nvalid;
-      const int token = valid ? ent[2 * (e + chunk)] + (tid & 15) : 0;
-      CpAsync4(sBias + buf * KN + tid, bias + token, valid ? 4 : 0);
-    }
+    LoadKeyStep<T, D, S, KN, 128>(sK + buf * KN * S, sV + buf * KN * S, sBias + buf * KN, kp,
+                                  vp, bias, stride, ent, e0 + grp * 4, e1);
   };
 
   LoadRows<T, D, S, kTile, 128>(sQ, qp, stride, q0, p.q_len);
@@ -557,14 +585,7 @@ __global__ void __launch_bounds__(128, DqConfig<D>::kMinBlocks)
     const int e = e0 + grp * 4;
     int ks[4];
     int32_t info[4];
-    bool partial = false;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const bool valid = e + c < e1;
-      ks[c] = valid ? ent[2 * (e + c)] : 0;
-      info[c] = valid ? ent[2 * (e + c) + 1] : 0;
-      partial |= !valid || (info[c] & kInfoPartial);
-    }
+    const bool partial = ReadStep(ent, e, e1, ks, info);
     const T* cK = sK + buf * KN * S;
     const T* cV = sV + buf * KN * S;
 
@@ -601,7 +622,7 @@ __global__ void __launch_bounds__(128, DqConfig<D>::kMinBlocks)
           float v = fmaf(s[n][x], sl, shift);
           if constexpr (masked) {
             const int c = n >> 1;
-            const int j = ks[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
+            const int j = StepToken(ks, n, x, t4);
             if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
           }
           s[n][x] = FastExp2(v) * (dp[n][x] - delta[x >> 1]);
@@ -611,10 +632,7 @@ __global__ void __launch_bounds__(128, DqConfig<D>::kMinBlocks)
 #pragma unroll
     for (int kk = 0; kk < KN / 16; ++kk) {
       uint32_t pa[4];
-      pa[0] = Elem<E>::Pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = Elem<E>::Pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = Elem<E>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = Elem<E>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      PackA<E>(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
       for (int dd = 0; dd < D / 16; ++dd) {
         uint32_t kf[4];
@@ -753,14 +771,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
     const int e = e0 + grp * NC;
     int qs[NC];
     int32_t info[NC];
-    bool partial = false;
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-      const bool valid = e + c < e1;
-      qs[c] = valid ? ent[2 * (e + c)] : 0;
-      info[c] = valid ? ent[2 * (e + c) + 1] : 0;
-      partial |= !valid || (info[c] & kInfoPartial);
-    }
+    const bool partial = ReadStep(ent, e, e1, qs, info);
     const T* cQ = sQ + buf * QN * S;
     const T* cdO = sdO + buf * QN * S;
     const float* cLse = sLse + buf * QN;
@@ -798,7 +809,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
           float v = fmaf(s[n][x], sl, bias2[x >> 1] - Lse2(cLse[col]));
           if constexpr (masked) {
             const int c = n >> 1;
-            const int i = qs[c] + (n & 1) * 8 + 2 * t4 + (x & 1);
+            const int i = StepToken(qs, n, x, t4);
             if (!EntryAllows(p, info[c], sub[x >> 1], i, row_j[x >> 1])) v = -kInf;
           }
           const float pv = FastExp2(v);
@@ -810,14 +821,8 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
 #pragma unroll
     for (int kk = 0; kk < QN / 16; ++kk) {
       uint32_t pa[4], da[4];
-      pa[0] = Elem<E>::Pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = Elem<E>::Pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = Elem<E>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = Elem<E>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      da[0] = Elem<E>::Pack(dp[2 * kk][0], dp[2 * kk][1]);
-      da[1] = Elem<E>::Pack(dp[2 * kk][2], dp[2 * kk][3]);
-      da[2] = Elem<E>::Pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-      da[3] = Elem<E>::Pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+      PackA<E>(pa, s[2 * kk], s[2 * kk + 1]);
+      PackA<E>(da, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
       for (int dd = 0; dd < D / 16; ++dd) {
         uint32_t of[4], qf[4];
