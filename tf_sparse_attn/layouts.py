@@ -448,6 +448,16 @@ def padded_length(pattern: str, seq_len: int, block_size: int, stride: int | Non
     return -(-seq_len // unit) * unit
 
 
+@functools.lru_cache(maxsize=128)
+def token_orders(layout: BlockLayout):
+    """(to_layout_order, to_natural_order): int32 index vectors that gather a padded sequence
+    into the layout's token order and back, built once per layout; None for natural order."""
+    if not layout.reorder_stride:
+        return None
+    perm = layout.token_permutation()
+    return np.argsort(perm).astype(np.int32), perm.astype(np.int32)
+
+
 @functools.lru_cache(maxsize=256)
 def make_layout(pattern: str, seq_len: int, *, block_size: int = 32, causal: bool = True,
                 window: int | None = None, stride: int | None = None,

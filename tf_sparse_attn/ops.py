@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparse_attn._load import load_op_library
-from tf_sparse_attn.layouts import BlockLayout, transpose_csr
+from tf_sparse_attn.layouts import BlockLayout, token_orders, transpose_csr
 # One merge for every path: written in keras.ops, it is differentiable under tf.GradientTape too.
 from tf_sparse_attn.portable import check_arguments, merge_attention
 
@@ -51,18 +51,14 @@ def _permute_tokens(x: tf.Tensor, to: np.ndarray, back: np.ndarray, axis: int) -
 def reorder_tokens(x: tf.Tensor, layout: BlockLayout, axis: int = 1) -> tf.Tensor:
     """Puts a padded sequence (length layout.seq_len along `axis`) into the layout's token
     order: token t goes to (t mod l) * (T / l) + t // l. A no-op for natural-order layouts."""
-    if not layout.reorder_stride:
-        return x
-    perm = layout.token_permutation().astype(np.int32)
-    return _permute_tokens(x, np.argsort(perm).astype(np.int32), perm, axis)
+    orders = token_orders(layout)
+    return x if orders is None else _permute_tokens(x, *orders, axis)
 
 
 def restore_token_order(x: tf.Tensor, layout: BlockLayout, axis: int = 1) -> tf.Tensor:
     """Inverse of `reorder_tokens`."""
-    if not layout.reorder_stride:
-        return x
-    perm = layout.token_permutation().astype(np.int32)
-    return _permute_tokens(x, perm, np.argsort(perm).astype(np.int32), axis)
+    orders = token_orders(layout)
+    return x if orders is None else _permute_tokens(x, orders[1], orders[0], axis)
 
 
 def sparse_attention(q, k, v, layout: BlockLayout, causal: bool = True, scale: float | None = None,

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_sparse_attn.layouts import WINDOWED, BlockLayout
+from tf_sparse_attn.layouts import WINDOWED, BlockLayout, token_orders
 
 __all__ = ["portable_sparse_attention", "merge_attention"]
 
@@ -71,15 +71,6 @@ def _row_groups(layout: BlockLayout, max_groups: int = 4):
         ranges, widths = [(0, rows)], [cols.shape[-1]]
     return [(a, c, cols[:, a:c, :w], valid[:, a:c, :w], windowed[:, a:c, :w])
             for (a, c), w in zip(ranges, widths)]
-
-
-@functools.lru_cache(maxsize=128)
-def _permutations(layout: BlockLayout):
-    """(to_layout_order, to_natural_order) index vectors for `ops.take`, or None."""
-    if not layout.reorder_stride:
-        return None
-    perm = layout.token_permutation()
-    return np.argsort(perm).astype(np.int32), perm.astype(np.int32)
 
 
 def check_arguments(q, k, v, layout, causal):
@@ -149,7 +140,7 @@ def portable_sparse_attention(q, k, v, layout: BlockLayout, causal: bool = True,
             return x
         return ops.pad(x, [[0, 0], [0, pad]] + [[0, 0]] * (len(x.shape) - 2))
 
-    perms = _permutations(layout)
+    perms = token_orders(layout)
 
     def to_layout_order(x, axis=1):
         return x if perms is None else ops.take(x, perms[0], axis=axis)
