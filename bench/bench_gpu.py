@@ -108,7 +108,8 @@ def bench_ours(quick):
                 with tf.device("/CPU:0"):
                     ro, ci, bf = (tf.constant(a) for a in (layout.row_offsets,
                                                           layout.col_indices, layout.block_flags))
-                    co, ri, cf = (tf.constant(a) for a in transpose(layout))
+                    co, ri, cf = (tf.constant(a) for a in (layout.col_offsets, layout.row_indices,
+                                                          layout.csc_flags))
                 d_lse = tf.zeros([BATCH, HEADS, length], tf.float32)
 
                 @tf.function
@@ -144,20 +145,6 @@ def bench_ours(quick):
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
-
-
-def transpose(layout):
-    """CSC of the layout (col_offsets, row_indices, csc_flags) in NumPy."""
-    n = layout.seq_len // layout.block_size
-    ro, ci, fl = (np.asarray(a) for a in (layout.row_offsets, layout.col_indices,
-                                           layout.block_flags))
-    heads = (len(ro) - 1) // n
-    row_id = np.repeat(np.arange(heads * n), np.diff(ro))
-    key = (row_id // n) * n + ci
-    order = np.lexsort((row_id % n, key))
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=heads * n))])
-    return (offsets.astype(np.int32), (row_id % n)[order].astype(np.int32),
-            fl[order].astype(np.int32))
 
 
 # ------------------------------------------------------------------------------------ torch

@@ -67,16 +67,14 @@ def _progress(stage):
     print(f"PROGRESS {time.perf_counter() - _STARTED:.1f}s {stage}", file=sys.stderr, flush=True)
 
 
-def time_training_steps(config_name, overrides, batch, warmup, steps, device):
-    """One case in this process: median step seconds, peak memory, parameter count."""
-    _import_models()
-    _progress("imported")
+def warmed_up_model(config_name, overrides, batch, warmup):
+    """(model, config, step): the configuration's model trained for `warmup` steps through
+    model.fit on fixed random tokens, and a callable running one more training step (model.fit's
+    own step function) that returns its logs."""
     import keras  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     from tf_sparse_attn.models import get_config, validate  # pylint: disable=import-outside-toplevel
-    from tf_sparse_attn.models.model import count_parameters  # pylint: disable=import-outside-toplevel
     from tf_sparse_attn.models.train import create_model  # pylint: disable=import-outside-toplevel
 
     overrides = dict(overrides, **{"train.batch_size": batch, "train.jit_compile": False})
@@ -84,7 +82,8 @@ def time_training_steps(config_name, overrides, batch, warmup, steps, device):
     keras.utils.set_random_seed(0)
     model = create_model(config)
     _progress("model built")
-    tokens = tf.random.uniform([batch, config.model.seq_len], 0, 256, tf.int32, seed=1)
+    tokens = tf.random.uniform([batch, config.model.seq_len], 0, config.model.vocab_size,
+                               tf.int32, seed=1)
     dataset = tf.data.Dataset.from_tensors((tokens, tokens)).repeat()
     # model.fit builds the optimizer and metrics before it traces, so the step is traced once
     # (a bare call of the step function would trace it twice: once to create variables); the
@@ -92,14 +91,26 @@ def time_training_steps(config_name, overrides, batch, warmup, steps, device):
     model.fit(dataset, epochs=1, steps_per_epoch=max(1, warmup), verbose=0)
     _progress("traced, warm-up done")
     iterator = iter(dataset)
-    train_function = model.train_function
+    return model, config, lambda: model.train_function(iterator)
+
+
+def time_training_steps(config_name, overrides, batch, warmup, steps, device):
+    """One case in this process: median step seconds, peak memory, parameter count."""
+    _import_models()
+    _progress("imported")
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    from tf_sparse_attn.models.model import count_parameters  # pylint: disable=import-outside-toplevel
+
+    model, config, train_step = warmed_up_model(config_name, overrides, batch, warmup)
     gpu = device == "gpu"
     if gpu:
         tf.config.experimental.reset_memory_stats("GPU:0")
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        logs = train_function(iterator)
+        logs = train_step()
         loss = float(np.asarray(logs["loss"]))  # reading it back waits for the step
         times.append(time.perf_counter() - start)
         _progress(f"step {len(times)}: {times[-1]:.3f} s")

@@ -105,27 +105,16 @@ def layer_step(args):
 def model_step(args):
     """A zero-argument callable running one training step of the model, built and warmed up
     through model.fit as bench_model.py does."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     import bench_model  # pylint: disable=import-outside-toplevel
 
     bench_model._import_models()  # pylint: disable=protected-access
-    from tf_sparse_attn.models import get_config, validate  # pylint: disable=import-outside-toplevel
-    from tf_sparse_attn.models.train import create_model  # pylint: disable=import-outside-toplevel
-
-    overrides = {"train.batch_size": args.batch, "train.jit_compile": False}
+    overrides = {}
     if args.num_layers:
         overrides["model.num_layers"] = args.num_layers
     if args.attention:
         overrides["model.attention"] = args.attention
-    config = validate(get_config(args.model, overrides))
-    model = create_model(config)
-    tokens = tf.random.uniform([args.batch, config.model.seq_len], 0, config.model.vocab_size,
-                               tf.int32, seed=1)
-    dataset = tf.data.Dataset.from_tensors((tokens, tokens)).repeat()
-    model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
-    iterator = iter(dataset)
-    return (lambda: model.train_function(iterator)["loss"],
+    _, config, train_step = bench_model.warmed_up_model(args.model, overrides, args.batch, 1)
+    return (lambda: train_step()["loss"],
             f"model {args.model} ({config.model.num_layers} layers, {config.model.attention}), "
             f"T={config.model.seq_len}, batch {args.batch}")
 

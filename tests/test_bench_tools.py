@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 
+from tf_sparse_attn.layouts import transpose_csr
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.join(BENCH, "kernel_timing"))
@@ -41,7 +43,9 @@ def test_layout_file_holds_csr_and_csc():
     csr = ints[6:]
     np.testing.assert_array_equal(csr[:rows1], layout.row_offsets)
     np.testing.assert_array_equal(csr[rows1:rows1 + nnz], layout.col_indices)
-    col_offsets, row_indices, _ = dump_layouts.bench_gpu.transpose(layout)
+    col_offsets, row_indices, _ = transpose_csr(layout.row_offsets, layout.col_indices,
+                                                layout.block_flags, layout.num_query_blocks,
+                                                layout.num_key_blocks)
     csc = csr[rows1 + 2 * nnz:]
     np.testing.assert_array_equal(csc[:rows1], col_offsets)
     np.testing.assert_array_equal(csc[rows1:rows1 + nnz], row_indices)

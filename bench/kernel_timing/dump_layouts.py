@@ -19,11 +19,11 @@ import bench_gpu  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def layout_ints(layout) -> np.ndarray:
-    col_offsets, row_indices, csc_flags = bench_gpu.transpose(layout)
     header = [layout.block_size, layout.seq_len, layout.window, layout.min_distance,
               len(layout.row_offsets), len(layout.col_indices)]
-    return np.concatenate([header, layout.row_offsets, layout.col_indices, layout.block_flags,
-                           col_offsets, row_indices, csc_flags]).astype(np.int32)
+    csr = [layout.row_offsets, layout.col_indices, layout.block_flags]
+    csc = [layout.col_offsets, layout.row_indices, layout.csc_flags]
+    return np.concatenate([header] + csr + csc).astype(np.int32)
 
 
 def main():
