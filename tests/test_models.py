@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tests import _models_path  # noqa: F401
+from tests._depth_step import traced_step
 from tf_sparse_attn.models import (CONFIGS, ConfigError, FactorizedPositionEmbedding,
                                    build_model, get_config, validate)
 from tf_sparse_attn.models.export import export_saved_model
@@ -310,19 +311,7 @@ def test_recompute_keeps_activation_memory_flat_in_depth():
     activations."""
 
     def peak_bytes(num_layers, recompute):
-        config = tiny(num_layers=num_layers, seq_len=4096, position_shape=(32, 128),
-                      d_model=256, num_heads=4, block_size=32, stride=128, summary=32,
-                      recompute=recompute)
-        model = build_model(config)
-        tokens = tf.random.uniform([2, 4096], 0, 256, tf.int32, seed=0)
-
-        @tf.function
-        def step():
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(bits_per_dim(tokens, model(tokens, training=True)))
-            return tape.gradient(loss, model.trainable_weights)
-
-        step.get_concrete_function()
+        model, step = traced_step(num_layers, recompute, seq_len=4096, d_model=256, batch=2)
         tf.config.experimental.reset_memory_stats("GPU:0")
         grads = step()
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
@@ -335,33 +324,18 @@ def test_recompute_keeps_activation_memory_flat_in_depth():
 
 
 _PEAK_RSS_SCRIPT = """
-import dataclasses, json, sys
+import json, sys
 sys.path.insert(0, {root!r})
-from tests import _models_path
-import tensorflow as tf
-from tf_sparse_attn.models import build_model, get_config
-from tf_sparse_attn.models.model import bits_per_dim
+from tests._depth_step import traced_step
 
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
-config = dataclasses.replace(get_config("tiny").model, num_layers={layers}, seq_len=2048,
-                             position_shape=(16, 128), d_model=128, num_heads=4, block_size=32,
-                             stride=128, summary=32, recompute={recompute})
-model = build_model(config)
-tokens = tf.random.uniform([4, 2048], 0, 256, tf.int32, seed=0)
-
-@tf.function
-def step():
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(bits_per_dim(tokens, model(tokens, training=True)))
-    return tape.gradient(loss, model.trainable_weights)
-
-# Trace first, then measure the first run: a second run would reuse the pages that the
-# allocator kept from the first and show no growth at all.
-step.get_concrete_function()
+_, step = traced_step({layers}, {recompute}, seq_len=2048, d_model=128, batch=4)
+# Measure the first run: a second one would reuse the pages that the allocator kept from the
+# first and show no growth at all.
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
 before = status("VmRSS")
