@@ -242,32 +242,30 @@ TSA_INLINE void GemmTile(int k, const float* a, int lda, const float* b, int ldb
   }
 }
 
+// One column panel of NW vectors (NW * W columns from column j): rows in tiles of MR, then
+// the remaining rows one at a time.
+template <int W, int NW, int MR, bool kAccumulate>
+TSA_INLINE void GemmPanel(int m, int j, int k, const float* a, int lda, const float* b, int ldb,
+                          float* c, int ldc) {
+  int i = 0;
+  for (; i + MR <= m; i += MR) {
+    GemmTile<W, NW, MR, kAccumulate>(k, a + static_cast<int64_t>(i) * lda, lda, b + j, ldb,
+                                     c + static_cast<int64_t>(i) * ldc + j, ldc);
+  }
+  for (; i < m; ++i) {
+    GemmTile<W, NW, 1, kAccumulate>(k, a + static_cast<int64_t>(i) * lda, lda, b + j, ldb,
+                                    c + static_cast<int64_t>(i) * ldc + j, ldc);
+  }
+}
+
 template <int W, int MR, bool kAccumulate>
 TSA_INLINE void Gemm(int m, int n, int k, const float* a, int lda, const float* b, int ldb,
                      float* c, int ldc) {
   int j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {
-    int i = 0;
-    for (; i + MR <= m; i += MR) {
-      GemmTile<W, 2, MR, kAccumulate>(k, a + static_cast<int64_t>(i) * lda, lda, b + j, ldb,
-                                      c + static_cast<int64_t>(i) * ldc + j, ldc);
-    }
-    for (; i < m; ++i) {
-      GemmTile<W, 2, 1, kAccumulate>(k, a + static_cast<int64_t>(i) * lda, lda, b + j, ldb,
-                                     c + static_cast<int64_t>(i) * ldc + j, ldc);
-    }
+    GemmPanel<W, 2, MR, kAccumulate>(m, j, k, a, lda, b, ldb, c, ldc);
   }
-  for (; j + W <= n; j += W) {
-    int i = 0;
-    for (; i + MR <= m; i += MR) {
-      GemmTile<W, 1, MR, kAccumulate>(k, a + static_cast<int64_t>(i) * lda, lda, b + j, ldb,
-                                      c + static_cast<int64_t>(i) * ldc + j, ldc);
-    }
-    for (; i < m; ++i) {
-      GemmTile<W, 1, 1, kAccumulate>(k, a + static_cast<int64_t>(i) * lda, lda, b + j, ldb,
-                                     c + static_cast<int64_t>(i) * ldc + j, ldc);
-    }
-  }
+  for (; j + W <= n; j += W) GemmPanel<W, 1, MR, kAccumulate>(m, j, k, a, lda, b, ldb, c, ldc);
   for (; j < n; ++j) {
     for (int i = 0; i < m; ++i) {
       float sum = kAccumulate ? c[static_cast<int64_t>(i) * ldc + j] : 0.f;
