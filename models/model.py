@@ -12,6 +12,12 @@ between blocks stays alive, so activation memory does not grow with depth beyond
 inside a recomputed block draws from a stateless generator seeded once per forward pass, so the
 recomputation sees the same masks. `ModelConfig.recompute=False` keeps activations instead.
 
+In training on a GPU (`ModelConfig.xla_blocks`), a block's LayerNorms, feed-forward, dropouts and
+residual additions run as two XLA programs compiled once for all layers, around the attention
+layer, which XLA cannot compile when it runs the custom op. TensorFlow's own kernels for them
+launch dozens of memory-bound kernels per block. (XLA's stateless random numbers differ from
+TensorFlow's kernels', so the dropout masks differ between the two paths.)
+
 Tokens are the targets: the model shifts them right behind a start token (id = vocab_size), so
 logits[:, t] predict tokens[:, t] from tokens[:, :t], and `model.fit(x=tokens, y=tokens)` trains
 it.
@@ -31,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_sparse_attn.layers.projection import DenseProjection
+from tf_sparse_attn.layers.projection import DenseProjection, add_bias
 from tf_sparse_attn.models.config import ModelConfig
 from tf_sparse_attn.models.embeddings import FactorizedPositionEmbedding
 
@@ -113,6 +119,39 @@ def _dropout(x, rate, seed):
     return tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
 
 
+# The arithmetic of a block around its attention, written over tensors rather than layers so
+# that one XLA compilation (forward and backward) serves every layer of a model: the weights
+# are arguments, not captured variables. The operations are those the Keras layers run.
+
+def _layer_norm(x, gamma, beta, dtype):
+    return keras.ops.cast(keras.ops.layer_normalization(x, gamma, beta, epsilon=LN_EPSILON), dtype)
+
+
+def _feed_forward_residual(x, h, gamma, beta, w_in, b_in, w_out, b_out, seeds, rate):
+    """x + Dropout(h), then that plus Dropout(W_out GELU(W_in LN(.))): all of a block after its
+    attention. seeds: the two dropout seeds, or None without dropout."""
+    dtype = h.dtype
+    if seeds is not None:
+        h = _dropout(h, rate, seeds[0])
+    x = x + h
+    f = _layer_norm(x, gamma, beta, dtype)
+    f = keras.activations.gelu(add_bias(keras.ops.matmul(f, keras.ops.cast(w_in, dtype)), b_in))
+    f = add_bias(keras.ops.matmul(f, keras.ops.cast(w_out, dtype)), b_out)
+    if seeds is not None:
+        f = _dropout(f, rate, seeds[1])
+    return x + f
+
+
+_layer_norm_xla = tf.function(_layer_norm, jit_compile=True)
+_feed_forward_residual_xla = tf.function(_feed_forward_residual, jit_compile=True)
+
+
+def _use_xla(setting) -> bool:
+    if setting == "auto":
+        return bool(tf.config.list_logical_devices("GPU"))
+    return bool(setting)
+
+
 @keras.saving.register_keras_serializable(package="tf_sparse_attn")
 class TransformerBlock(keras.layers.Layer):
     """One pre-LayerNorm residual block: attention then a GELU feed-forward of width 4d.
@@ -162,6 +201,8 @@ class TransformerBlock(keras.layers.Layer):
         self.built = True
 
     def _residual(self, x, training, seed):
+        if training and _use_xla(self.config.xla_blocks):
+            return self._residual_xla(x, seed)
         h = self.attention(self.attention_norm(x), training=training)
         if seed is not None:
             h = _dropout(h, self.rate, seed[0])
@@ -170,6 +211,18 @@ class TransformerBlock(keras.layers.Layer):
         if seed is not None:
             h = _dropout(h, self.rate, seed[1])
         return x + h
+
+    def _residual_xla(self, x, seed):
+        """_residual in training, with everything but the attention layer in XLA programs
+        shared by all blocks."""
+        dtype = self.attention_norm.compute_dtype
+        norm, ffn_norm = self.attention_norm, self.ffn_norm
+        h = self.attention(_layer_norm_xla(x, norm.gamma.value, norm.beta.value, dtype),
+                           training=True)
+        return _feed_forward_residual_xla(
+            x, h, ffn_norm.gamma.value, ffn_norm.beta.value, self.ffn_in.kernel.value,
+            self.ffn_in.bias.value, self.ffn_out.kernel.value, self.ffn_out.bias.value, seed,
+            self.rate)
 
     def call(self, x, training=None, seed=None):
         if training and self.rate > 0:

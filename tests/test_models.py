@@ -132,9 +132,10 @@ def test_attention_kinds_build_the_right_layers():
 
 # ------------------------------------------------------------------------- recompute
 
-@pytest.mark.parametrize("attention", ["fixed", "local,strided"])
-def test_recomputed_gradients_equal_plain(attention):
-    model = build_model(tiny(attention=attention, dropout=0.2))
+@pytest.mark.parametrize("attention,xla_blocks", [("fixed", False), ("local,strided", False),
+                                                   ("local,strided", True)])
+def test_recomputed_gradients_equal_plain(attention, xla_blocks):
+    model = build_model(tiny(attention=attention, dropout=0.2, xla_blocks=xla_blocks))
     randomize_head(model)
     tokens = np.random.default_rng(0).integers(0, 256, [2, 128])
     seed = tf.constant([7, 11])
@@ -165,6 +166,52 @@ def test_recomputed_gradients_equal_plain(attention):
         x = block(x, training=True, seed=tf.constant([1, 2]))
     other = tf.reduce_mean(bits_per_dim(tokens, model.head(model.final_norm(x))))
     assert float(other) != pytest.approx(float(loss_r), rel=1e-6)
+
+
+def _block_gradients(model, tokens):
+    with tf.GradientTape() as tape:
+        logits = model(tokens, training=True)
+        loss = tf.reduce_mean(bits_per_dim(tokens, logits))
+    return loss, [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_weights)]
+
+
+@pytest.mark.parametrize("attention", ["fixed", "dense", "mha"])
+def test_xla_blocks_equal_keras_layers(attention):
+    """The XLA programs compute what the blocks' Keras layers compute, and every layer shares
+    one compilation of them."""
+    from tf_sparse_attn.models import model as model_lib  # pylint: disable=import-outside-toplevel
+
+    # A width no other test uses, so the programs are traced here for the first time.
+    width = {"fixed": 80, "dense": 96, "mha": 112}[attention]
+    config = tiny(attention=attention, d_model=width, num_heads=2, num_layers=3)
+    model = build_model(dataclasses.replace(config, xla_blocks=True))
+    randomize_head(model)
+    tokens = np.random.default_rng(3).integers(0, 256, [2, 128])
+    programs = (model_lib._feed_forward_residual_xla, model_lib._layer_norm_xla)
+    traces = [p.experimental_get_tracing_count() for p in programs]
+    loss_x, grads_x = _block_gradients(model, tokens)
+    assert [p.experimental_get_tracing_count() - t for p, t in zip(programs, traces)] == [1, 1]
+    for block in model.blocks:
+        block.config = dataclasses.replace(block.config, xla_blocks=False)
+    loss_k, grads_k = _block_gradients(model, tokens)
+    assert float(loss_x) == pytest.approx(float(loss_k), rel=1e-6)
+    # XLA's own erf and rsqrt round differently in float32; the keys' bias gradients are zero
+    # up to that rounding (softmax ignores a shift common to all keys).
+    scale = max(float(tf.reduce_max(tf.abs(g))) for g in grads_k)
+    for weight, a, b in zip(model.trainable_weights, grads_x, grads_k):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale, err_msg=weight.path)
+    # Outside training the Keras layers run: what a SavedModel or the sampler traces.
+    for block in model.blocks:
+        block.config = dataclasses.replace(block.config, xla_blocks=True)
+    inference, training = model(tokens).numpy(), model(tokens, training=True).numpy()
+    np.testing.assert_allclose(inference, training, rtol=1e-5, atol=1e-6 * np.abs(training).max())
+
+
+def test_xla_blocks_auto_follows_the_visible_devices():
+    from tf_sparse_attn.models.model import _use_xla  # pylint: disable=import-outside-toplevel
+
+    assert _use_xla("auto") == bool(tf.config.list_logical_devices("GPU"))
+    assert _use_xla(True) and not _use_xla(False)
 
 
 def test_fit_with_and_without_recompute_takes_the_same_steps():
