@@ -202,6 +202,37 @@ def child_gpu(args):
               flush=True)
 
 
+def write_table(args, header, rows, final):
+    """The table so far into RESULTS.md (or $OUT/RESULTS.md): rewritten after every length,
+    so a run cut short by a time limit keeps the lengths it finished."""
+    from bench import results  # pylint: disable=import-outside-toplevel
+
+    note = (f"{args.dtype}, batch {args.batch}, {HEADS} heads of {HEAD_DIM}; forward + backward "
+            f"of one layer (projections included) with respect to its input and weights; "
+            f"median of {args.repeats}"
+            + (f" timings of {GPU_STEPS_PER_TIMING} steps dispatched back to back"
+               if args.device == "gpu" else "") + "; peak memory is "
+            + ("the GPU allocator's peak" if args.device == "gpu"
+               else "the growth of the process's peak RSS from before the first call (tracing "
+                  "included)")
+            + (" ; XLA on for the portable path and MultiHeadAttention" if args.xla else ""))
+    table = note + "\n\n" + results.markdown_table(header, rows)
+    if final:
+        print("\n" + table)
+    if args.no_write:
+        return
+    if args.device == "gpu":
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        details = tf.config.experimental.get_device_details(
+            tf.config.list_physical_devices("GPU")[0])
+        device = details.get("device_name", "GPU")
+        out = os.environ.get("OUT")
+        path = os.path.join(out, "RESULTS.md") if out else results.RESULTS
+        results.write_section("Layers, GPU", device, table, path=path)
+    else:
+        results.write_section("Layers, CPU", results.cpu_device(), table)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -272,32 +303,10 @@ def main():
                        speed, memory]
             rows.append(row)
             print(" | ".join(str(c) for c in row), flush=True)
+        if length != lengths[-1]:
+            write_table(args, header, rows, final=False)
 
-    from bench import results  # pylint: disable=import-outside-toplevel
-
-    note = (f"{args.dtype}, batch {args.batch}, {HEADS} heads of {HEAD_DIM}; forward + backward "
-            f"of one layer (projections included) with respect to its input and weights; "
-            f"median of {args.repeats}"
-            + (f" timings of {GPU_STEPS_PER_TIMING} steps dispatched back to back"
-               if args.device == "gpu" else "") + "; peak memory is "
-            + ("the GPU allocator's peak" if args.device == "gpu"
-               else "the growth of the process's peak RSS from before the first call (tracing "
-                  "included)")
-            + (" ; XLA on for the portable path and MultiHeadAttention" if args.xla else ""))
-    table = note + "\n\n" + results.markdown_table(header, rows)
-    print("\n" + table)
-    if args.no_write:
-        return
-    if args.device == "gpu":
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
-        details = tf.config.experimental.get_device_details(
-            tf.config.list_physical_devices("GPU")[0])
-        device = details.get("device_name", "GPU")
-        out = os.environ.get("OUT")
-        path = os.path.join(out, "RESULTS.md") if out else results.RESULTS
-        results.write_section("Layers, GPU", device, table, path=path)
-    else:
-        results.write_section("Layers, CPU", results.cpu_device(), table)
+    write_table(args, header, rows, final=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ status=0
 for layer in fixed strided; do
   timeout 60 python bench/profile_layer.py --layer "$layer" --length 12288 || status=1
 done
-timeout ${LAYERS_TIMEOUT:-240} python bench/bench_layers.py --device gpu --dtype bfloat16 \
+timeout ${LAYERS_TIMEOUT:-360} python bench/bench_layers.py --device gpu --dtype bfloat16 \
   --lengths 4096,12288,16384 --implementations ${LAYER_IMPLEMENTATIONS:-op} || status=1
 # MODEL_CASES: a comma-separated list of bench_model.py case names (substrings) to run.
 only=()

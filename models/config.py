@@ -331,6 +331,9 @@ def validate(config: Config) -> Config:
     if m.implementation not in (None, "op", "portable", "reference"):
         raise ConfigError(f"{where}: implementation must be None, 'op', 'portable' or "
                           f"'reference', got {m.implementation!r}")
+    if m.xla_blocks not in ("auto", True, False):
+        raise ConfigError(f"{where}: model.xla_blocks must be True, False or 'auto', got "
+                          f"{m.xla_blocks!r}")
     kinds = m.layer_kinds()
     if not kinds:
         raise ConfigError(f"{where}: model.attention={m.attention!r} names no layer kind")

@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_sparse_attn.layers.projection import DenseProjection, add_bias
+from tf_sparse_attn.layers.sparse_multi_head_attention import SparseMultiHeadAttention
 from tf_sparse_attn.models.config import ModelConfig
 from tf_sparse_attn.models.embeddings import FactorizedPositionEmbedding
 
@@ -127,10 +128,25 @@ def _layer_norm(x, gamma, beta, dtype):
     return keras.ops.cast(keras.ops.layer_normalization(x, gamma, beta, epsilon=LN_EPSILON), dtype)
 
 
-def _feed_forward_residual(x, h, gamma, beta, w_in, b_in, w_out, b_out, seeds, rate):
+def _project(x, kernel, bias, equation):
+    return add_bias(keras.ops.einsum(equation, x, keras.ops.cast(kernel, x.dtype)), bias)
+
+
+def _attention_inputs(x, gamma, beta, projections, dtype):
+    """q, k, v [batch, time, heads, dim] of LN(x); projections: three (kernel, bias) pairs."""
+    normed = _layer_norm(x, gamma, beta, dtype)
+    return tuple(_project(normed, kernel, bias, "abc,cde->abde") for kernel, bias in projections)
+
+
+def _feed_forward_residual(x, h, output_projection, gamma, beta, w_in, b_in, w_out, b_out,
+                           seeds, rate):
     """x + Dropout(h), then that plus Dropout(W_out GELU(W_in LN(.))): all of a block after its
-    attention. seeds: the two dropout seeds, or None without dropout."""
+    attention. output_projection: None when h is the attention layer's output, else the
+    (kernel, bias) that takes h, the attended heads [batch, time, heads, dim], to it. seeds:
+    the two dropout seeds, or None without dropout."""
     dtype = h.dtype
+    if output_projection is not None:
+        h = _project(h, *output_projection, "abcd,cde->abe")
     if seeds is not None:
         h = _dropout(h, rate, seeds[0])
     x = x + h
@@ -143,10 +159,11 @@ def _feed_forward_residual(x, h, gamma, beta, w_in, b_in, w_out, b_out, seeds, r
 
 
 _layer_norm_xla = tf.function(_layer_norm, jit_compile=True)
+_attention_inputs_xla = tf.function(_attention_inputs, jit_compile=True)
 _feed_forward_residual_xla = tf.function(_feed_forward_residual, jit_compile=True)
 
 
-def _use_xla(setting) -> bool:
+def use_xla_blocks(setting) -> bool:
     if setting == "auto":
         return bool(tf.config.list_logical_devices("GPU"))
     return bool(setting)
@@ -201,7 +218,7 @@ class TransformerBlock(keras.layers.Layer):
         self.built = True
 
     def _residual(self, x, training, seed):
-        if training and _use_xla(self.config.xla_blocks):
+        if training and use_xla_blocks(self.config.xla_blocks):
             return self._residual_xla(x, seed)
         h = self.attention(self.attention_norm(x), training=training)
         if seed is not None:
@@ -213,16 +230,31 @@ class TransformerBlock(keras.layers.Layer):
         return x + h
 
     def _residual_xla(self, x, seed):
-        """_residual in training, with everything but the attention layer in XLA programs
-        shared by all blocks."""
+        """_residual in training, with everything but attention itself in XLA programs shared
+        by all blocks: for the library's layers, their projections too (only the op runs
+        outside); for MultiHeadAttention, the layer as a whole."""
         dtype = self.attention_norm.compute_dtype
-        norm, ffn_norm = self.attention_norm, self.ffn_norm
-        h = self.attention(_layer_norm_xla(x, norm.gamma.value, norm.beta.value, dtype),
-                           training=True)
+        norm, ffn_norm, attention = self.attention_norm, self.ffn_norm, self.attention
+
+        def weights(layer):
+            return layer.kernel.value, layer.bias.value
+
+        if isinstance(attention, SparseMultiHeadAttention) and attention.use_bias and \
+                attention.dropout == 0:
+            q, k, v = _attention_inputs_xla(
+                x, norm.gamma.value, norm.beta.value,
+                [weights(p) for p in (attention.query_dense, attention.key_dense,
+                                      attention.value_dense)], dtype)
+            # pylint: disable-next=protected-access
+            h = attention._attend(q, k, v, None, attention.causal)
+            output_projection = weights(attention.output_dense)
+        else:
+            h = attention(_layer_norm_xla(x, norm.gamma.value, norm.beta.value, dtype),
+                          training=True)
+            output_projection = None
         return _feed_forward_residual_xla(
-            x, h, ffn_norm.gamma.value, ffn_norm.beta.value, self.ffn_in.kernel.value,
-            self.ffn_in.bias.value, self.ffn_out.kernel.value, self.ffn_out.bias.value, seed,
-            self.rate)
+            x, h, output_projection, ffn_norm.gamma.value, ffn_norm.beta.value,
+            *weights(self.ffn_in), *weights(self.ffn_out), seed, self.rate)
 
     def call(self, x, training=None, seed=None):
         if training and self.rate > 0:

@@ -37,7 +37,8 @@ import keras  # noqa: E402
 
 from tf_sparse_attn.models import config as config_lib  # noqa: E402
 from tf_sparse_attn.models import data as data_lib  # noqa: E402
-from tf_sparse_attn.models.model import bits_per_dim, build_model, count_parameters  # noqa: E402
+from tf_sparse_attn.models.model import (bits_per_dim, build_model,  # noqa: E402
+                                         count_parameters, use_xla_blocks)
 
 BACKUP_DIR = "backup"
 METADATA = "training_metadata.json"
@@ -205,7 +206,8 @@ def train(config: config_lib.Config, output_dir: str, *, verbose="auto", sample:
         print(f"{config.name}: {m.num_layers} layers, d={m.d_model}, {m.num_heads} heads, "
               f"T={m.seq_len}, attention {m.attention}, {count_parameters(model):,} "
               f"parameters, {model.blocks[0].attention.implementation} attention, "
-              f"recompute={'on' if m.recompute else 'off'}; {t.steps} steps of "
+              f"recompute={'on' if m.recompute else 'off'}, XLA blocks="
+              f"{'on' if use_xla_blocks(m.xla_blocks) else 'off'}; {t.steps} steps of "
               f"{t.batch_size} sequences", flush=True)
 
     throughput = Throughput(t.batch_size * m.seq_len)

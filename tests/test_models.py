@@ -64,6 +64,7 @@ def test_audio_1m_has_about_3m_parameters():
     ({"model.seq_len": 100, "model.position_shape": (100,)}, "multiple of block_size"),
     ({"data.task": "cifar10"}, "32, 32, 3"),
     ({"train.mixed_precision": "fp8"}, "mixed_precision"),
+    ({"model.xla_blocks": "yes"}, "xla_blocks"),
 ])
 def test_bad_configs_fail_clearly(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -175,22 +176,26 @@ def _block_gradients(model, tokens):
     return loss, [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_weights)]
 
 
-@pytest.mark.parametrize("attention", ["fixed", "dense", "mha"])
+@pytest.mark.parametrize("attention", ["fixed", "dense", "mha", "strided_merged"])
 def test_xla_blocks_equal_keras_layers(attention):
     """The XLA programs compute what the blocks' Keras layers compute, and every layer shares
     one compilation of them."""
     from tf_sparse_attn.models import model as model_lib  # pylint: disable=import-outside-toplevel
 
     # A width no other test uses, so the programs are traced here for the first time.
-    width = {"fixed": 80, "dense": 96, "mha": 112}[attention]
+    width = {"fixed": 80, "dense": 96, "mha": 112, "strided_merged": 128}[attention]
     config = tiny(attention=attention, d_model=width, num_heads=2, num_layers=3)
     model = build_model(dataclasses.replace(config, xla_blocks=True))
     randomize_head(model)
     tokens = np.random.default_rng(3).integers(0, 256, [2, 128])
-    programs = (model_lib._feed_forward_residual_xla, model_lib._layer_norm_xla)
+    programs = (model_lib._feed_forward_residual_xla, model_lib._attention_inputs_xla,
+                model_lib._layer_norm_xla)
     traces = [p.experimental_get_tracing_count() for p in programs]
     loss_x, grads_x = _block_gradients(model, tokens)
-    assert [p.experimental_get_tracing_count() - t for p, t in zip(programs, traces)] == [1, 1]
+    # The library's layers have their projections compiled with the LayerNorm before them;
+    # keras.layers.MultiHeadAttention runs whole, after a compiled LayerNorm.
+    expected = [1, 0, 1] if attention == "mha" else [1, 1, 0]
+    assert [p.experimental_get_tracing_count() - t for p, t in zip(programs, traces)] == expected
     for block in model.blocks:
         block.config = dataclasses.replace(block.config, xla_blocks=False)
     loss_k, grads_k = _block_gradients(model, tokens)
@@ -208,10 +213,10 @@ def test_xla_blocks_equal_keras_layers(attention):
 
 
 def test_xla_blocks_auto_follows_the_visible_devices():
-    from tf_sparse_attn.models.model import _use_xla  # pylint: disable=import-outside-toplevel
+    from tf_sparse_attn.models.model import use_xla_blocks  # pylint: disable=import-outside-toplevel
 
-    assert _use_xla("auto") == bool(tf.config.list_logical_devices("GPU"))
-    assert _use_xla(True) and not _use_xla(False)
+    assert use_xla_blocks("auto") == bool(tf.config.list_logical_devices("GPU"))
+    assert use_xla_blocks(True) and not use_xla_blocks(False)
 
 
 def test_fit_with_and_without_recompute_takes_the_same_steps():
