@@ -66,8 +66,9 @@ class ModelConfig:
     position_shape: tuple[int, ...] = (2, 128)
     dropout: float = 0.0
     recompute: bool = True
-    # In training, each block's LayerNorms, feed-forward, dropouts and residual additions run as
-    # XLA programs (one compilation shared by every layer; the attention op stays outside):
+    # In training, each block's LayerNorms, attention projections, feed-forward, dropouts and
+    # residual additions run as XLA programs (one compilation shared by every layer; the
+    # attention op stays outside):
     # True, False, or "auto" for on when TensorFlow sees a GPU. On the CPU, TensorFlow's own
     # kernels are faster.
     xla_blocks: Any = "auto"

@@ -12,10 +12,10 @@ between blocks stays alive, so activation memory does not grow with depth beyond
 inside a recomputed block draws from a stateless generator seeded once per forward pass, so the
 recomputation sees the same masks. `ModelConfig.recompute=False` keeps activations instead.
 
-In training on a GPU (`ModelConfig.xla_blocks`), a block's LayerNorms, feed-forward, dropouts and
-residual additions run as two XLA programs compiled once for all layers, around the attention
-layer, which XLA cannot compile when it runs the custom op. TensorFlow's own kernels for them
-launch dozens of memory-bound kernels per block. (XLA's stateless random numbers differ from
+In training on a GPU (`ModelConfig.xla_blocks`), a block's LayerNorms, attention projections,
+feed-forward, dropouts and residual additions run as two XLA programs compiled once for all
+layers, before and after the attention op, which XLA cannot compile. TensorFlow's own kernels
+for them launch dozens of memory-bound kernels per block. (XLA's stateless random numbers differ from
 TensorFlow's kernels', so the dropout masks differ between the two paths.)
 
 Tokens are the targets: the model shifts them right behind a start token (id = vocab_size), so
@@ -164,6 +164,7 @@ _feed_forward_residual_xla = tf.function(_feed_forward_residual, jit_compile=Tru
 
 
 def use_xla_blocks(setting) -> bool:
+    """Whether ModelConfig.xla_blocks (True, False or "auto") turns the XLA programs on here."""
     if setting == "auto":
         return bool(tf.config.list_logical_devices("GPU"))
     return bool(setting)
