@@ -163,8 +163,9 @@ _attention_inputs_xla = tf.function(_attention_inputs, jit_compile=True)
 _feed_forward_residual_xla = tf.function(_feed_forward_residual, jit_compile=True)
 
 
-def use_xla_blocks(setting) -> bool:
-    """Whether ModelConfig.xla_blocks (True, False or "auto") turns the XLA programs on here."""
+def xla_enabled(setting) -> bool:
+    """Whether an XLA setting (True, False or "auto": when TensorFlow sees a GPU) is on here:
+    ModelConfig.xla_blocks, FusedAdamW's jit_compile."""
     if setting == "auto":
         return bool(tf.config.list_logical_devices("GPU"))
     return bool(setting)
@@ -219,7 +220,7 @@ class TransformerBlock(keras.layers.Layer):
         self.built = True
 
     def _residual(self, x, training, seed):
-        if training and use_xla_blocks(self.config.xla_blocks):
+        if training and xla_enabled(self.config.xla_blocks):
             return self._residual_xla(x, seed)
         h = self.attention(self.attention_norm(x), training=training)
         if seed is not None:

@@ -213,10 +213,10 @@ def test_xla_blocks_equal_keras_layers(attention):
 
 
 def test_xla_blocks_auto_follows_the_visible_devices():
-    from tf_sparse_attn.models.model import use_xla_blocks  # pylint: disable=import-outside-toplevel
+    from tf_sparse_attn.models.model import xla_enabled  # pylint: disable=import-outside-toplevel
 
-    assert use_xla_blocks("auto") == bool(tf.config.list_logical_devices("GPU"))
-    assert use_xla_blocks(True) and not use_xla_blocks(False)
+    assert xla_enabled("auto") == bool(tf.config.list_logical_devices("GPU"))
+    assert xla_enabled(True) and not xla_enabled(False)
 
 
 def test_fit_with_and_without_recompute_takes_the_same_steps():

@@ -112,3 +112,47 @@ def test_killed_run_resumes_with_the_same_state(tmp_path):
     # weights at the end as a run that was never interrupted.
     for a, b in zip(_final_weights(killed), _final_weights(straight)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_fused_adamw_takes_adamw_steps():
+    """FusedAdamW's one XLA program per step (clipping, decoupled weight decay with its
+    exclusions, the Adam update, sparse embedding gradients) moves the weights as AdamW does."""
+    import keras  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    from tf_sparse_attn.models import build_model  # pylint: disable=import-outside-toplevel
+    from tf_sparse_attn.models.train import (FusedAdamW,  # pylint: disable=import-outside-toplevel
+                                             make_optimizer)
+
+    config = get_config("tiny", {"train.steps": 6, "train.warmup_steps": 2,
+                                 "train.learning_rate": 1e-2, "train.clip_norm": 0.5,
+                                 "train.weight_decay": 0.1})
+    tokens = np.random.default_rng(2).integers(0, 256, [8, config.model.seq_len])
+    weights = []
+    for fused in (True, False):
+        keras.utils.set_random_seed(0)
+        model = build_model(config.model)
+        optimizer = make_optimizer(config.train)
+        assert isinstance(optimizer, FusedAdamW)
+        optimizer.jit_compile = fused
+        model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=False)
+        model.fit(tokens, tokens, batch_size=2, epochs=1, shuffle=False, verbose=0)
+        assert len(optimizer._fused_steps) == int(fused)  # pylint: disable=protected-access
+        weights.append([w.numpy() for w in model.weights])
+    keras.utils.set_random_seed(0)
+    initial = [w.numpy() for w in build_model(config.model).weights]
+    names = [w.path for w in model.weights]
+    for name, fused, plain in zip(names, *weights):
+        # Adam divides by sqrt(v): where a gradient is near zero, float32 rounding of the
+        # two programs' reductions moves its step by up to ~1e-4 of the learning rate.
+        np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-6 + 1e-4 * 1e-2,
+                                   err_msg=name)
+    # The steps moved the weights, decayed ones included.
+    assert all(not np.array_equal(start, plain) for name, start, plain in
+               zip(names, initial, weights[1]) if "ffn_in/kernel" in name)
+    # Serialisable with its setting.
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(FusedAdamW(
+        learning_rate=1e-3, jit_compile=False)))
+    assert isinstance(restored, FusedAdamW) and restored.jit_compile is False
+    assert tf.config.list_logical_devices("GPU") or not FusedAdamW()._fused()  # pylint: disable=protected-access
