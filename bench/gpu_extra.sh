@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Layer- and model-level GPU benchmarks, run from the repository root on a machine where
 # TensorFlow sees a GPU and the op library is built. Tables go to $OUT (when set) and stdout.
-# Wall time on an H100 (2026-11): layers (op path, three lengths) about 3 min; each model case
-# 2.5-3 min, most of it TensorFlow's start and the 30-layer step's trace.
+# Wall time on an H100 (2026-11): profiles about 2 min; layers (op path, three lengths) 3-6 min;
+# each model case 2.5-3 min, most of it TensorFlow's start and the 30-layer step's trace and
+# warm-up (MultiHeadAttention's up to 7 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
@@ -13,6 +14,9 @@ status=0
 for layer in fixed strided; do
   timeout 60 python bench/profile_layer.py --layer "$layer" --length 12288 || status=1
 done
+# Where a model step's time goes besides attention (2 layers keep the trace short).
+timeout 120 python bench/profile_layer.py --model enwik8 --num-layers 2 --attention fixed \
+  || status=1
 timeout ${LAYERS_TIMEOUT:-360} python bench/bench_layers.py --device gpu --dtype bfloat16 \
   --lengths 4096,12288,16384 --implementations ${LAYER_IMPLEMENTATIONS:-op} || status=1
 # MODEL_CASES: a comma-separated list of bench_model.py case names (substrings) to run.
