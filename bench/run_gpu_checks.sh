@@ -5,7 +5,7 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv > "$OUT/device.txt" 2>&1
-python3 -m pytest -m gpu tests/test_gpu.py --maxfail=25 --timeout=300 -q -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/pytest_gpu.log" 2>&1
+python3 -m pytest -m gpu tests/ --maxfail=25 --timeout=300 -q -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc $?" | tee -a "$OUT/summary.txt"
 tail -5 "$OUT/pytest_gpu.log" | tee -a "$OUT/summary.txt"
 if [ -z "${SKIP_SANITIZER:-}" ]; then
