@@ -198,8 +198,8 @@ def gpu_table(results) -> str:
              "l=128 (local and strided layers interleaved; 'merged': both in every head), "
              "blocks recomputed in backward unless noted, their arithmetic around attention "
              "in XLA programs shared by all layers (ModelConfig.xla_blocks, 'auto': on the "
-             "GPU). Audio: T=1,048,576, 14 layers, d=128, 2 heads, strided l=1024. Paper (V100, s/iteration): dense 1.31, fixed 0.55, "
-             "strided 0.35; targets here: fixed/dense <= 0.35, strided/dense <= 0.25, "
+             "GPU). Audio: T=1,048,576, 14 layers, d=128, 2 heads, strided l=1024. Paper "
+             "(V100, s/iteration): dense 1.31, fixed 0.55, strided 0.35; targets here: fixed/dense <= 0.35, strided/dense <= 0.25, "
              "MultiHeadAttention >= 10x dense-sparse or out of memory."]
     mha = by_name.get("enwik8 MultiHeadAttention", {})
     fixed = by_name.get("enwik8 fixed", {})

@@ -15,8 +15,8 @@ recomputation sees the same masks. `ModelConfig.recompute=False` keeps activatio
 In training on a GPU (`ModelConfig.xla_blocks`), a block's LayerNorms, attention projections,
 feed-forward, dropouts and residual additions run as two XLA programs compiled once for all
 layers, before and after the attention op, which XLA cannot compile. TensorFlow's own kernels
-for them launch dozens of memory-bound kernels per block. (XLA's stateless random numbers differ from
-TensorFlow's kernels', so the dropout masks differ between the two paths.)
+for them launch dozens of memory-bound kernels per block. (XLA's stateless random numbers differ
+from TensorFlow's kernels', so the dropout masks differ between the two paths.)
 
 Tokens are the targets: the model shifts them right behind a start token (id = vocab_size), so
 logits[:, t] predict tokens[:, t] from tokens[:, :t], and `model.fit(x=tokens, y=tokens)` trains

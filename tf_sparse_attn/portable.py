@@ -77,8 +77,9 @@ def check_arguments(q, k, v, layout, causal):
     """The checks every path makes before any computation: ValueError or TypeError naming
     the argument, never an error from deep inside a backend."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
-        rank = getattr(tensor.shape, "rank", None) if hasattr(tensor.shape, "rank") \
-            else len(tensor.shape)
+        # A TensorShape of unknown rank has rank None (and no len); other backends' shapes
+        # are tuples.
+        rank = tensor.shape.rank if hasattr(tensor.shape, "rank") else len(tensor.shape)
         if rank is not None and rank != 4:
             raise ValueError(f"{name} must be [batch, time, heads, head_dim], got shape "
                              f"{tuple(tensor.shape)}")

@@ -70,21 +70,29 @@ TSA_HOST_DEVICE int KeyTiles(const SparseAttentionParams& p, const TileWork& w) 
   return (p.kv_len + w.key_tile - 1) / w.key_tile;
 }
 
-// Builds the work lists from a CSR (transposed = false: rows are query blocks, entries key
-// blocks) or CSC (transposed = true) layout held in host memory, for tiles of `tile_rows`
-// (kFwdTile or kTile for query lists, kTile or kNarrowKeyTile for transposed ones) rows; a tile
-// spans at most 8 layout rows. `offsets` gets layout_heads * tiles + 1
-// values, `entries` the pairs described above. Chunks that no pair of the tile may attend (after
-// causal / window pruning) are left out.
-void BuildTileWork(const SparseAttentionParams& p, bool transposed, int tile_rows,
-                   const int32_t* offsets_in, const int32_t* indices_in, const int32_t* flags_in,
-                   std::vector<int32_t>* offsets, std::vector<int32_t>* entries);
-
-// The lists of one kind for the layout in p (host pointers): those of dq (query tiles of kTile
-// rows), of the forward (kFwdTile or kTile query rows) or of dk/dv (kTile or kNarrowKeyTile key
-// rows); where two heights are possible, the tensor-core kernels get the one the layout
-// favours. Returns the tile height the lists were built for.
+// The lists the kernels walk: dq's (query tiles of kTile rows), the forward's (kFwdTile or kTile
+// query rows) or dk/dv's (kTile or kNarrowKeyTile key rows).
 enum class ListKind { kDq = 0, kForward = 1, kKey = 2 };
+
+// The side of the layout in p that the lists of `kind` walk: the CSR for query tiles, the CSC
+// for key tiles. `rows` layout rows (over all layout heads), offsets[rows] entries.
+struct LayoutSide {
+  const int32_t* offsets;
+  const int32_t* indices;
+  const int32_t* flags;
+  int rows;
+};
+inline LayoutSide SideOf(const SparseAttentionParams& p, ListKind kind) {
+  if (kind == ListKind::kKey) {
+    return {p.col_offsets, p.row_indices, p.csc_flags, p.layout_heads * p.num_kv_blocks};
+  }
+  return {p.row_offsets, p.col_indices, p.block_flags, p.layout_heads * p.num_q_blocks};
+}
+
+// Builds the lists of `kind` for the layout in p (host pointers): `offsets` gets
+// layout_heads * tiles + 1 values, `entries` the pairs described above. Where two tile heights
+// are possible, the tensor-core kernels get the one the layout favours. Returns the tile height
+// the lists were built for.
 int BuildWorkLists(const SparseAttentionParams& p, ListKind kind, std::vector<int32_t>* offsets,
                    std::vector<int32_t>* entries);
 

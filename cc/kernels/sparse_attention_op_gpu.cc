@@ -64,11 +64,9 @@ class WorkCache {
   using Kind = gpu::ListKind;
 
   Status Lookup(OpKernelContext* ctx, const SparseAttentionParams& p, Kind kind, Lists* lists) {
-    const bool transposed = kind == Kind::kKey;
-    const int32_t* off = transposed ? p.col_offsets : p.row_offsets;
-    const int32_t* idx = transposed ? p.row_indices : p.col_indices;
-    const int32_t* flg = transposed ? p.csc_flags : p.block_flags;
-    const int nrows = p.layout_heads * (transposed ? p.num_kv_blocks : p.num_q_blocks);
+    const gpu::LayoutSide side = gpu::SideOf(p, kind);
+    const int32_t *off = side.offsets, *idx = side.indices, *flg = side.flags;
+    const int nrows = side.rows;
     const int nnz = off[nrows];
     const intptr_t device = reinterpret_cast<intptr_t>(ctx->device());
     const Header header = {static_cast<int>(kind) * 2 + (gpu::HasMma(p) ? 1 : 0),

@@ -9,9 +9,16 @@
 namespace tf_sparse_attn {
 namespace gpu {
 
-void BuildTileWork(const SparseAttentionParams& p, bool transposed, int tile_rows,
-                   const int32_t* offsets_in, const int32_t* indices_in, const int32_t* flags_in,
+namespace {
+
+// The lists of `kind` for tiles of `tile_rows` rows along the query side (or along the key side
+// for ListKind::kKey, walking the CSC); a tile spans at most 8 layout rows. Chunks that no pair
+// of the tile may attend (after causal / window pruning) are left out.
+void BuildTileWork(const SparseAttentionParams& p, ListKind kind, int tile_rows,
                    std::vector<int32_t>* offsets, std::vector<int32_t>* entries) {
+  const bool transposed = kind == ListKind::kKey;
+  const LayoutSide side = SideOf(p, kind);
+  const int32_t *offsets_in = side.offsets, *indices_in = side.indices, *flags_in = side.flags;
   const int bs = p.block_size;
   const int row_len = transposed ? p.kv_len : p.q_len;  // tokens along the tile side
   const int nrows = transposed ? p.num_kv_blocks : p.num_q_blocks;
@@ -67,14 +74,12 @@ void BuildTileWork(const SparseAttentionParams& p, bool transposed, int tile_row
   }
 }
 
+}  // namespace
 
 int BuildWorkLists(const SparseAttentionParams& p, ListKind kind, std::vector<int32_t>* offsets,
                    std::vector<int32_t>* entries) {
   const bool transposed = kind == ListKind::kKey;
-  const int32_t* off = transposed ? p.col_offsets : p.row_offsets;
-  const int32_t* idx = transposed ? p.row_indices : p.col_indices;
-  const int32_t* flg = transposed ? p.csc_flags : p.block_flags;
-  BuildTileWork(p, transposed, kTile, off, idx, flg, offsets, entries);
+  BuildTileWork(p, kind, kTile, offsets, entries);
   if (kind == ListKind::kDq || !HasMma(p)) return kTile;
   // Products are chunks x tile rows. A taller forward tile reuses each gathered key chunk for
   // twice the queries, worth up to a tenth more products; a narrower key tile reuses each query
@@ -82,7 +87,7 @@ int BuildWorkLists(const SparseAttentionParams& p, ListKind kind, std::vector<in
   const int other = transposed ? kNarrowKeyTile : kFwdTile;
   const double limit = transposed ? 0.8 : 1.1;
   std::vector<int32_t> other_offsets, other_entries;
-  BuildTileWork(p, transposed, other, off, idx, flg, &other_offsets, &other_entries);
+  BuildTileWork(p, kind, other, &other_offsets, &other_entries);
   const double base = static_cast<double>(entries->size()) * kTile;
   if (static_cast<double>(other_entries.size()) * other > limit * base) return kTile;
   offsets->swap(other_offsets);
