@@ -228,6 +228,20 @@ def restore_backup(model, backup_dir: str) -> int:
 
 # ---------------------------------------------------------------------------------- train
 
+def check_gpu_block_size(model):
+    """Raises ConfigError, before any step is traced, where TensorFlow sees a GPU and a layer's
+    op would run with a block size the GPU kernels do not take (multiples of 16)."""
+    if not tf.config.list_logical_devices("GPU"):
+        return
+    for block in model.blocks:
+        attention = block.attention
+        if getattr(attention, "implementation", None) == "op" and attention.block_size % 16:
+            raise config_lib.ConfigError(
+                f"model.block_size={attention.block_size}: the GPU kernels take block sizes "
+                "that are multiples of 16; set model.block_size (and stride, summary) so, or "
+                "hide the GPU (CUDA_VISIBLE_DEVICES=) to train on the CPU")
+
+
 def train(config: config_lib.Config, output_dir: str, *, verbose="auto", sample: bool = True,
           sample_count: int = 2, callbacks=(), download: bool = False):
     """Trains `config` into `output_dir`, resuming from a backup there. Returns
@@ -242,6 +256,7 @@ def train(config: config_lib.Config, output_dir: str, *, verbose="auto", sample:
     # Seeded initialisation and dropout: a resumed run and an uninterrupted one agree.
     keras.utils.set_random_seed(t.seed)
     model = create_model(config)
+    check_gpu_block_size(model)
     start_step = restore_backup(model, backup_dir)
     initial_epoch = int(read_backup(backup_dir).get("epoch", start_step // t.steps_per_epoch))
     # A missing file or an unprepared dataset fails here, before any training step.

@@ -8,9 +8,11 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests import _models_path
 from tf_sparse_attn.models import get_config
+from tf_sparse_attn.models.config import ConfigError
 from tf_sparse_attn.models.export import main as export_main
 from tf_sparse_attn.models.sample import main as sample_main
 from tf_sparse_attn.models.train import main, read_backup, train
@@ -42,7 +44,6 @@ def test_loss_falls_on_the_builtin_corpus(tmp_path):
                         "--temperature", "0.5", "--output", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli.txt").read_bytes().startswith(b"import ")
     assert export_main([str(tmp_path), str(tmp_path / "export" / "1")]) == 0
-    import tensorflow as tf
     served = tf.saved_model.load(str(tmp_path / "export" / "1")).signatures["serving_default"]
     log_probs = served(tokens=tf.constant([[105, 109, 112]], tf.int32))["next_token_log_probs"]
     assert log_probs.shape == (1, 256)
@@ -118,7 +119,6 @@ def test_fused_adamw_takes_adamw_steps():
     """FusedAdamW's one XLA program per step (clipping, decoupled weight decay with its
     exclusions, the Adam update, sparse embedding gradients) moves the weights as AdamW does."""
     import keras  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     from tf_sparse_attn.models import build_model  # pylint: disable=import-outside-toplevel
     from tf_sparse_attn.models.train import (FusedAdamW,  # pylint: disable=import-outside-toplevel
@@ -169,9 +169,12 @@ def test_model_trains_on_gpu_with_xla_blocks_and_fused_adamw():
     from tf_sparse_attn.models import model as model_lib  # pylint: disable=import-outside-toplevel
     from tf_sparse_attn.models.train import create_model  # pylint: disable=import-outside-toplevel
 
+    # The tiny configuration's 8-token blocks are finer than the GPU kernels take.
     config = get_config("tiny", {"train.steps": 30, "train.warmup_steps": 5,
                                  "train.learning_rate": 5e-3, "train.mixed_precision": "bfloat16",
-                                 "model.dropout": 0.1})
+                                 "model.dropout": 0.1, "model.block_size": 16,
+                                 "model.stride": 32, "model.summary": 16,
+                                 "model.position_shape": (4, 32)})
     keras.utils.set_random_seed(0)
     model = create_model(config)
     # Text-like tokens: a repeating phrase the model can learn within a few steps.
@@ -187,3 +190,24 @@ def test_model_trains_on_gpu_with_xla_blocks_and_fused_adamw():
     assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
     assert program.experimental_get_tracing_count() > traces
     assert len(model.optimizer._fused_steps) == 1  # pylint: disable=protected-access
+
+
+def test_training_on_a_gpu_refuses_blocks_finer_than_its_kernels(tmp_path, monkeypatch):
+    """Where TensorFlow sees a GPU, a block size the GPU kernels do not take fails before the
+    first step is traced, naming the setting; without a GPU the same configuration trains."""
+    from tf_sparse_attn.models import train as train_lib  # pylint: disable=import-outside-toplevel
+
+    config = get_config("tiny")
+    assert config.model.block_size % 16
+    model = train_lib.create_model(config)
+    train_lib.check_gpu_block_size(model)  # no GPU here: nothing to refuse
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+    with pytest.raises(ConfigError, match="model.block_size=8"):
+        train_lib.check_gpu_block_size(model)
+    with pytest.raises(ConfigError, match="multiples of 16"):
+        train_lib.train(config, str(tmp_path), verbose=0, sample=False)
+    assert not os.path.exists(os.path.join(tmp_path, "backup"))
+    sixteen = get_config("tiny", {"model.block_size": 16, "model.stride": 32,
+                                  "model.summary": 16, "model.position_shape": (4, 32)})
+    train_lib.check_gpu_block_size(train_lib.create_model(sixteen))
