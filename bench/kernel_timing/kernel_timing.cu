@@ -75,7 +75,8 @@ const char* LaunchDq(const SparseAttentionParams& p, const TileWork& w) {
   dim3 grid;
   if (const char* err = detail::FlatGrid(QueryTiles(p), p, &grid)) return err;
   return detail::Launch(detail::MmaDqKernel<ElementType::kBFloat16, D>, grid,
-                        detail::DqConfig<D>::SmemBytes(2), nullptr, p, w);
+                        detail::DqConfig<D>::SmemBytes(2), nullptr, p, w,
+                        detail::DqConfig<D>::kThreads);
 }
 
 }  // namespace

@@ -3,9 +3,9 @@
 //
 // Tensor-core path (float16, bfloat16): flash-attention style with mma.sync m16n8k16 (f32
 // accumulate), ldmatrix and cp.async, i.e. sm_80 instructions that also run on sm_90.
-//   forward  one CTA per (128 or 64 query rows, batch*head), warps of 16 rows; key tiles of 64
-//            gathered from the work list 16 rows at a time, double-buffered; online softmax in
-//            the log2 domain; writes out and lse.
+//   forward  one CTA per (128 or 64 query rows, batch*head), warps of 16 rows (32 on 128-row
+//            tiles at head_dim <= 64); key tiles of 64 gathered from the work list 16 rows at a
+//            time, double-buffered; online softmax in the log2 domain; writes out and lse.
 //   dq       one CTA per 64 query rows, 4 warps; recomputes P from lse, dP = dO V^T,
 //            dS = P (dP - delta); computes delta itself and leaves it for dk, dv.
 //   dk, dv   one CTA per 64 key rows (32 where the host finds that narrower tiles skip enough
@@ -267,13 +267,19 @@ __device__ __forceinline__ void PackA(uint32_t (&a)[4], const float (&lo)[4],
 
 template <int D, int ROWS>
 struct FwdConfig {
-  static constexpr int kRows = ROWS;  // kTile or kFwdTile, in warps of 16 query rows
-  static constexpr int kThreads = 2 * kRows;
+  static constexpr int kRows = ROWS;  // kTile or kFwdTile
+  // 16-row m-tiles per warp. Two on 128-row tiles at D <= 64: each K or V fragment read from
+  // shared memory then feeds four products instead of two, which halves the shared-memory
+  // traffic per product that bounds the one-m-tile kernel. At D = 128 the second tile's
+  // accumulators would not fit in registers.
+  static constexpr int kMTiles = (D <= 64 && ROWS == kFwdTile) ? 2 : 1;
+  static constexpr int kWarps = ROWS / (16 * kMTiles);
+  static constexpr int kThreads = 32 * kWarps;
   static constexpr int kS = D + 8;  // padded row: ldmatrix rows fall into distinct banks
   static constexpr int kKeys = 64;  // keys per step: 4 chunks
-  // At D <= 64, 128 registers hold the kernel (148 unbounded) so that 16 warps fit per SM;
-  // at D = 128 registers allow 8 warps.
-  static constexpr int kMinBlocks = D <= 64 ? 2 * kFwdTile / ROWS : 1;
+  // One m-tile at D <= 64: 128 registers hold the kernel (148 unbounded) so that 16 warps fit
+  // per SM. Two m-tiles: up to 255 registers, 8 warps per SM. D = 128: 8 warps per SM.
+  static constexpr int kMinBlocks = kMTiles == 2 ? 2 : (D <= 64 ? 2 * kFwdTile / ROWS : 1);
   static constexpr size_t SmemBytes(size_t elem) {
     return elem * (kRows * kS + 4 * kKeys * kS) + sizeof(float) * 2 * kKeys;
   }
@@ -286,7 +292,7 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
   using Cfg = FwdConfig<D, ROWS>;
   using T = typename Elem<E>::T;
   constexpr int S = Cfg::kS, KN = Cfg::kKeys, NT = KN / 8;
-  constexpr int TH = Cfg::kThreads;
+  constexpr int TH = Cfg::kThreads, MT = Cfg::kMTiles, WR = 16 * MT;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + ROWS * S;
@@ -313,7 +319,7 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
 
   auto load_group = [&](int grp, int buf) {
     LoadKeyStep<T, D, S, KN, TH>(sK + buf * KN * S, sV + buf * KN * S, sBias + buf * KN, kp,
-                                  vp, bias, stride, ent, e0 + grp * 4, e1);
+                                 vp, bias, stride, ent, e0 + grp * 4, e1);
   };
 
   LoadRows<T, D, S, ROWS, TH>(sQ, qp, stride, q0, p.q_len);
@@ -322,17 +328,27 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
   CpAsyncWait<0>();
   __syncthreads();
 
-  uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) Ldmatrix4(qf[kk], sQ + warp * 16 * S + kk * 16 + OffsetA<S>(lane));
-
-  float o[D / 8][4];
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};
-  const int row_i[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  // The warp's rows: m-tile mt holds rows warp * WR + mt * 16 + (g, g + 8) of the tile.
+  uint32_t qf[MT][D / 16][4];
+  float o[MT][D / 8][4];
+  float m[MT][2], l[MT][2];
+  int row_i[MT][2], sub[MT][2];
   const int sub0 = q0 / p.block_size;
-  const int sub[2] = {row_i[0] / p.block_size - sub0, row_i[1] / p.block_size - sub0};
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const T* rows = sQ + (warp * WR + mt * 16) * S;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) Ldmatrix4(qf[mt][kk], rows + kk * 16 + OffsetA<S>(lane));
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m[mt][r] = -kInf;
+      l[mt][r] = 0.f;
+      row_i[mt][r] = q0 + warp * WR + mt * 16 + g + 8 * r;
+      sub[mt][r] = row_i[mt][r] / p.block_size - sub0;
+    }
+  }
   const float sl = p.scale * kLog2e;
   // Without a key bias and with a positive scale, row maxima are taken over the raw products
   // (scaling keeps their order) and the scale folds into the one FFMA before ex2; otherwise
@@ -354,76 +370,89 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
 
     const T* cK = sK + buf * KN * S;
     const T* cV = sV + buf * KN * S;
-    float s[NT][4];
+    float s[MT][NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+    }
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t kf[4];
         Ldmatrix4(kf, cK + np * 16 * S + kk * 16 + OffsetBn<S>(lane));
-        Mma<E>(s[2 * np], qf[kk], kf[0], kf[1]);
-        Mma<E>(s[2 * np + 1], qf[kk], kf[2], kf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma<E>(s[mt][2 * np], qf[mt][kk], kf[0], kf[1]);
+          Mma<E>(s[mt][2 * np + 1], qf[mt][kk], kf[2], kf[3]);
+        }
       }
     }
 
-    float mx[2] = {-kInf, -kInf};
-    Specialize(partial, raw, [&](auto masked, auto unscaled) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      float mx[2] = {-kInf, -kInf};
+      Specialize(partial, raw, [&](auto masked, auto unscaled) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            float v = s[mt][n][x];
+            if constexpr (!unscaled) {
+              v *= sl;
+              if (bias != nullptr) v += sBias[buf * KN + n * 8 + 2 * t4 + (x & 1)] * kLog2e;
+            }
+            if constexpr (masked) {
+              const int c = n >> 1;
+              const int j = StepToken(ks, n, x, t4);
+              if (!EntryAllows(p, info[c], sub[mt][x >> 1], row_i[mt][x >> 1], j)) v = -kInf;
+            }
+            s[mt][n][x] = v;
+            mx[x >> 1] = fmaxf(mx[x >> 1], v);
+          }
+        }
+      });
+      float m_use[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float m_new = fmaxf(m[mt][r], mx[r] * to_log2);
+        m_use[r] = m_new == -kInf ? 0.f : m_new;
+        const float alpha = FastExp2(m[mt][r] - m_use[r]);
+        m[mt][r] = m_new;
+        l[mt][r] *= alpha;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          o[mt][n][2 * r] *= alpha;
+          o[mt][n][2 * r + 1] *= alpha;
+        }
+      }
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
-          float v = s[n][x];
-          if constexpr (!unscaled) {
-            v *= sl;
-            if (bias != nullptr) v += sBias[buf * KN + n * 8 + 2 * t4 + (x & 1)] * kLog2e;
-          }
-          if constexpr (masked) {
-            const int c = n >> 1;
-            const int j = StepToken(ks, n, x, t4);
-            if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
-          }
-          s[n][x] = v;
-          mx[x >> 1] = fmaxf(mx[x >> 1], v);
+          const float pv = FastExp2(fmaf(s[mt][n][x], to_log2, -m_use[x >> 1]));
+          s[mt][n][x] = pv;
+          l[mt][x >> 1] += pv;
         }
-      }
-    });
-    float m_use[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r] * to_log2);
-      m_use[r] = m_new == -kInf ? 0.f : m_new;
-      const float alpha = FastExp2(m[r] - m_use[r]);
-      m[r] = m_new;
-      l[r] *= alpha;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[n][2 * r] *= alpha;
-        o[n][2 * r + 1] *= alpha;
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const float pv = FastExp2(fmaf(s[n][x], to_log2, -m_use[x >> 1]));
-        s[n][x] = pv;
-        l[x >> 1] += pv;
       }
     }
 #pragma unroll
     for (int kk = 0; kk < KN / 16; ++kk) {
-      uint32_t pa[4];
-      PackA<E>(pa, s[2 * kk], s[2 * kk + 1]);
+      uint32_t pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) PackA<E>(pa[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t vf[4];
         Ldmatrix4T(vf, cV + kk * 16 * S + dp * 16 + OffsetBt<S>(lane));
-        Mma<E>(o[2 * dp], pa, vf[0], vf[1]);
-        Mma<E>(o[2 * dp + 1], pa, vf[2], vf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma<E>(o[mt][2 * dp], pa[mt], vf[0], vf[1]);
+          Mma<E>(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
+        }
       }
     }
     __syncthreads();
@@ -431,20 +460,24 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
 
   T* op = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.q_len * stride + h * D;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    const int i = row_i[r];
-    if (i >= p.q_len) continue;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(op + i * stride + n * 8 + 2 * t4) =
-          Elem<E>::Pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-    }
-    if (t4 == 0) {
-      p.lse[static_cast<int64_t>(bh) * p.q_len + i] =
-          l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -kInf;
+    for (int r = 0; r < 2; ++r) {
+      float sum = l[mt][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int i = row_i[mt][r];
+      if (i >= p.q_len) continue;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<uint32_t*>(op + i * stride + n * 8 + 2 * t4) =
+            Elem<E>::Pack(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
+      }
+      if (t4 == 0) {
+        p.lse[static_cast<int64_t>(bh) * p.q_len + i] =
+            sum > 0.f ? (m[mt][r] + log2f(sum)) * kLn2 : -kInf;
+      }
     }
   }
 }
@@ -509,6 +542,7 @@ struct DqConfig {
   // Four CTAs (16 warps) per SM at D <= 64: 128 registers hold dq without spills (168
   // unbounded, which allowed three), and shared memory takes four.
   static constexpr int kMinBlocks = D <= 64 ? 4 : 1;
+  static constexpr int kThreads = 128;  // 4 warps of 16 query rows
   static constexpr int kS = D + 8;
   static constexpr int kKeys = 64;
   static constexpr size_t SmemBytes(size_t elem) {
@@ -517,11 +551,11 @@ struct DqConfig {
 };
 
 template <ElementType E, int D>
-__global__ void __launch_bounds__(128, DqConfig<D>::kMinBlocks)
+__global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks)
     MmaDqKernel(const SparseAttentionParams p, const TileWork w) {
   using Cfg = DqConfig<D>;
   using T = typename Elem<E>::T;
-  constexpr int S = Cfg::kS, KN = Cfg::kKeys, NT = KN / 8;
+  constexpr int S = Cfg::kS, KN = Cfg::kKeys, NT = KN / 8, TH = Cfg::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kTile * S;
@@ -551,12 +585,12 @@ __global__ void __launch_bounds__(128, DqConfig<D>::kMinBlocks)
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
-    LoadKeyStep<T, D, S, KN, 128>(sK + buf * KN * S, sV + buf * KN * S, sBias + buf * KN, kp,
-                                  vp, bias, stride, ent, e0 + grp * 4, e1);
+    LoadKeyStep<T, D, S, KN, TH>(sK + buf * KN * S, sV + buf * KN * S, sBias + buf * KN, kp,
+                                 vp, bias, stride, ent, e0 + grp * 4, e1);
   };
 
-  LoadRows<T, D, S, kTile, 128>(sQ, qp, stride, q0, p.q_len);
-  LoadRows<T, D, S, kTile, 128>(sdO, dop, stride, q0, p.q_len);
+  LoadRows<T, D, S, kTile, TH>(sQ, qp, stride, q0, p.q_len);
+  LoadRows<T, D, S, kTile, TH>(sdO, dop, stride, q0, p.q_len);
   if (ngroups > 0) load_group(0, 0);
   CpAsyncCommit();
 
@@ -855,7 +889,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
 
 template <typename Kernel>
 inline const char* Launch(Kernel kernel, dim3 grid, size_t smem, void* stream,
-                          const SparseAttentionParams& p, const TileWork& w, int threads = 128) {
+                          const SparseAttentionParams& p, const TileWork& w, int threads) {
   if (grid.x == 0 || grid.y == 0) return nullptr;
   if (smem > 48 * 1024) {
     cudaError_t err =
@@ -897,7 +931,7 @@ const char* MmaBackwardImpl(const SparseAttentionParams& p, const TileWork& w, v
   if (const char* err = FlatGrid(QueryTiles(p), p, &qgrid)) return err;
   if (const char* err = FlatGrid(KeyTiles(p, w), p, &kgrid)) return err;
   if (const char* err = Launch(MmaDqKernel<E, D>, qgrid, DqConfig<D>::SmemBytes(sizeof(T)),
-                               stream, p, w))
+                               stream, p, w, DqConfig<D>::kThreads))
     return err;
   if (w.key_tile == kNarrowKeyTile) {
     using Cfg = DkvConfig<D, true>;
