@@ -194,15 +194,19 @@ def test_model_trains_on_gpu_with_xla_blocks_and_fused_adamw():
 
 def test_training_on_a_gpu_refuses_blocks_finer_than_its_kernels(tmp_path, monkeypatch):
     """Where TensorFlow sees a GPU, a block size the GPU kernels do not take fails before the
-    first step is traced, naming the setting; without a GPU the same configuration trains."""
+    first step is traced, naming the setting; without a GPU the configuration is accepted."""
     from tf_sparse_attn.models import train as train_lib  # pylint: disable=import-outside-toplevel
+
+    def visible_gpus(count):
+        monkeypatch.setattr(tf.config, "list_logical_devices",
+                            lambda kind=None: ["/device:GPU:0"] * count if kind == "GPU" else [])
 
     config = get_config("tiny")
     assert config.model.block_size % 16
     model = train_lib.create_model(config)
-    train_lib.check_gpu_block_size(model)  # no GPU here: nothing to refuse
-    monkeypatch.setattr(tf.config, "list_logical_devices",
-                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+    visible_gpus(0)
+    train_lib.check_gpu_block_size(model)
+    visible_gpus(1)
     with pytest.raises(ConfigError, match="model.block_size=8"):
         train_lib.check_gpu_block_size(model)
     with pytest.raises(ConfigError, match="multiples of 16"):
