@@ -70,7 +70,14 @@ class CausalMultiHeadAttention(keras.layers.MultiHeadAttention):
 
     def call(self, query, value=None, key=None, training=None, **kwargs):
         value = query if value is None else value
-        return super().call(query, value, key, training=training, use_causal_mask=True,
+        # use_causal_mask builds the T x T mask from lengths read at run time, so graph
+        # optimisation cannot see its size before evaluating it: it evaluated the mask in every
+        # layer and every recomputed copy, then dropped it as too large to keep (minutes before
+        # the first step of the 30-layer model at T=12288). At a fixed length this mask's
+        # shape is known, and above the optimiser's size limit it is skipped unevaluated.
+        positions = keras.ops.cumsum(keras.ops.ones_like(query[0, :, 0], dtype="int32")) - 1
+        causal = keras.ops.greater_equal(positions[:, None], positions[None, :])[None]
+        return super().call(query, value, key, training=training, attention_mask=causal,
                             **kwargs)
 
     # The projections under the names the sampler and the init scaling use.

@@ -417,3 +417,24 @@ def test_recompute_keeps_activation_memory_flat_in_depth_on_cpu():
     recomputed = peak(8, True) - peak(2, True)
     assert plain > 100 * 2 ** 20, plain  # six more layers keep their activations alive
     assert recomputed < 0.35 * plain, (recomputed, plain)
+
+
+def test_causal_multi_head_attention_is_keras_causal_attention():
+    """The MultiHeadAttention baseline, which passes its own causal mask, attends as
+    keras.layers.MultiHeadAttention with use_causal_mask, at a fixed and an unknown length."""
+    from tf_sparse_attn.models.model import CausalMultiHeadAttention  # pylint: disable=import-outside-toplevel
+
+    x = tf.constant(np.random.default_rng(5).normal(size=[2, 48, 16]), tf.float32)
+    ours = CausalMultiHeadAttention(num_heads=2, key_dim=8)
+    reference = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)
+    ours(x)
+    reference(x, x)
+    reference.set_weights(ours.get_weights())
+    expected = reference(x, x, use_causal_mask=True)
+    np.testing.assert_allclose(ours(x), expected, atol=1e-5)
+    unknown_length = tf.function(ours, input_signature=[tf.TensorSpec([2, None, 16])])
+    np.testing.assert_allclose(unknown_length(x), expected, atol=1e-5)
+    # Causal: changing the last position leaves every earlier output as it was.
+    changed = tf.concat([x[:, :-1], x[:, -1:] + 1.0], axis=1)
+    np.testing.assert_allclose(ours(changed)[:, :-1], ours(x)[:, :-1], atol=1e-6)
+    assert not np.allclose(ours(changed)[:, -1], ours(x)[:, -1], atol=1e-3)
