@@ -30,6 +30,6 @@ if [ -z "${SKIP_KERNEL_TIMING:-}" ]; then
   echo "kernel timing rc $?" | tee -a "$OUT/summary.txt"
 fi
 if [ -z "${SKIP_EXTRA:-}" ] && [ -f bench/gpu_extra.sh ]; then
-  timeout ${EXTRA_TIMEOUT:-1200} bash bench/gpu_extra.sh > "$OUT/gpu_extra.log" 2>&1
+  timeout ${EXTRA_TIMEOUT:-1500} bash bench/gpu_extra.sh > "$OUT/gpu_extra.log" 2>&1
   echo "gpu_extra rc $?" | tee -a "$OUT/summary.txt"
 fi
