@@ -11,9 +11,15 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def commit() -> str:
+    """HEAD's short hash, marked when tracked files differ from it: a table measured on a
+    modified tree (or a copy whose git history lags its files) must not pass for HEAD's."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(RESULTS)).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=os.path.dirname(RESULTS)).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        return head + (" + changes" if git("status", "--porcelain", "--untracked-files=no")
+                       else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -1,7 +1,8 @@
-"""The benchmark tools' own logic: the profile summary's interval union and kernel names, and
-the layout files the kernel timing tool reads."""
+"""The benchmark tools' own logic: the profile summary's interval union and kernel names, the
+layout files the kernel timing tool reads, and the commit that stamps the tables."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.join(BENCH, "kernel_timing"))
 
 import dump_layouts  # noqa: E402  pylint: disable=wrong-import-position
 import profile_layer  # noqa: E402  pylint: disable=wrong-import-position
+import results  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def test_union_length_counts_overlaps_once():
@@ -50,3 +52,18 @@ def test_layout_file_holds_csr_and_csc():
     np.testing.assert_array_equal(csc[:rows1], col_offsets)
     np.testing.assert_array_equal(csc[rows1:rows1 + nnz], row_indices)
     assert len(ints) == 6 + 2 * rows1 + 4 * nnz
+
+
+def test_tables_name_the_commit_and_mark_a_modified_tree(tmp_path, monkeypatch):
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    (tmp_path / "RESULTS.md").write_text("# Benchmark results\n")
+    git("add", "RESULTS.md")
+    git("commit", "-qm", "first")
+    monkeypatch.setattr(results, "RESULTS", str(tmp_path / "RESULTS.md"))
+    head = git("rev-parse", "--short", "HEAD").strip()
+    assert results.commit() == head
+    (tmp_path / "RESULTS.md").write_text("# Benchmark results\nchanged\n")
+    assert results.commit() == head + " + changes"
