@@ -77,6 +77,9 @@ class CausalMultiHeadAttention(keras.layers.MultiHeadAttention):
         # shape is known, and above the optimiser's size limit it is skipped unevaluated.
         positions = keras.ops.cumsum(keras.ops.ones_like(query[0, :, 0], dtype="int32")) - 1
         causal = keras.ops.greater_equal(positions[:, None], positions[None, :])[None]
+        mask = kwargs.pop("attention_mask", None)
+        if mask is not None:
+            causal = keras.ops.logical_and(keras.ops.cast(mask, "bool"), causal)
         return super().call(query, value, key, training=training, attention_mask=causal,
                             **kwargs)
 

@@ -438,3 +438,9 @@ def test_causal_multi_head_attention_is_keras_causal_attention():
     changed = tf.concat([x[:, :-1], x[:, -1:] + 1.0], axis=1)
     np.testing.assert_allclose(ours(changed)[:, :-1], ours(x)[:, :-1], atol=1e-6)
     assert not np.allclose(ours(changed)[:, -1], ours(x)[:, -1], atol=1e-3)
+    # A caller's own mask still applies, together with causality.
+    padding = np.ones([2, 48, 48], bool)
+    padding[:, :, :5] = False
+    np.testing.assert_allclose(
+        ours(x, attention_mask=padding),
+        reference(x, x, attention_mask=padding, use_causal_mask=True), atol=1e-5)
