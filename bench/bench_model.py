@@ -199,8 +199,9 @@ def gpu_table(results) -> str:
              "blocks recomputed in backward unless noted, their arithmetic around attention "
              "in XLA programs shared by all layers (ModelConfig.xla_blocks, 'auto': on the "
              "GPU). Audio: T=1,048,576, 14 layers, d=128, 2 heads, strided l=1024. Paper "
-             "(V100, s/iteration): dense 1.31, fixed 0.55, strided 0.35; targets here: fixed/dense <= 0.35, strided/dense <= 0.25, "
-             "MultiHeadAttention >= 10x dense-sparse or out of memory."]
+             "(V100, s/iteration): dense 1.31, fixed 0.55, strided 0.35; targets here: "
+             "fixed/dense <= 0.35, strided/dense <= 0.25, MultiHeadAttention >= 10x "
+             "dense-sparse or out of memory."]
     mha = by_name.get("enwik8 MultiHeadAttention", {})
     fixed = by_name.get("enwik8 fixed", {})
     if mha.get("status") == "ok" and fixed.get("status") == "ok":

@@ -88,17 +88,10 @@ class FusedAdamW(keras.optimizers.AdamW):
         variables = list(trainable_variables)
         key = tuple(self._var_key(v) for v in variables)
         if key not in self._fused_steps:
-            def step(grads):
-                grads = self._clip_gradients(grads)
-                if self.weight_decay is not None:
-                    for variable in variables:
-                        if self._use_weight_decay(variable):
-                            lr = tf.cast(self.learning_rate, variable.dtype)
-                            variable.assign_sub(variable * tf.cast(self.weight_decay,
-                                                                   variable.dtype) * lr)
-                for gradient, variable in zip(grads, variables):
-                    self.update_step(gradient, variable, self.learning_rate)
-            self._fused_steps[key] = tf.function(step, jit_compile=True)
+            # AdamW's own step (clipping, decoupled weight decay, the update), compiled whole.
+            adamw_step = super()._backend_apply_gradients
+            self._fused_steps[key] = tf.function(
+                lambda grads: adamw_step(grads, variables), jit_compile=True)
         # Embedding gradients arrive as IndexedSlices; the update reads them densely anyway.
         return self._fused_steps[key]([tf.convert_to_tensor(g) for g in grads])
 

@@ -14,7 +14,7 @@ from tests._depth_step import traced_step
 from tf_sparse_attn.models import (CONFIGS, ConfigError, FactorizedPositionEmbedding,
                                    build_model, get_config, validate)
 from tf_sparse_attn.models.export import export_saved_model
-from tf_sparse_attn.models.model import bits_per_dim
+from tf_sparse_attn.models.model import CausalMultiHeadAttention, bits_per_dim
 from tf_sparse_attn.models.sampling import Sampler, key_table, write_samples
 
 KINDS = ["fixed", "local,strided", "strided_merged", "strided_split", "fixed_split",
@@ -422,8 +422,6 @@ def test_recompute_keeps_activation_memory_flat_in_depth_on_cpu():
 def test_causal_multi_head_attention_is_keras_causal_attention():
     """The MultiHeadAttention baseline, which passes its own causal mask, attends as
     keras.layers.MultiHeadAttention with use_causal_mask, at a fixed and an unknown length."""
-    from tf_sparse_attn.models.model import CausalMultiHeadAttention  # pylint: disable=import-outside-toplevel
-
     x = tf.constant(np.random.default_rng(5).normal(size=[2, 48, 16]), tf.float32)
     ours = CausalMultiHeadAttention(num_heads=2, key_dim=8)
     reference = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)
