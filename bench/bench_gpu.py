@@ -15,7 +15,6 @@ backends for dense causal. --write replaces the "GPU kernels" section of bench/R
 """
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import time
 
 import numpy as np
+
+import results  # bench/results.py: the stamp and section of RESULTS.md
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH, HEADS = 2, 8
@@ -256,19 +257,6 @@ def device_name():
         return "unknown"
 
 
-def write_results(text):
-    path = os.path.join(ROOT, "bench", "RESULTS.md")
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    start = old.find("## GPU kernels")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    else:
-        end = old.find("\n## ", start + 3)
-        new = old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "\n")
-    with open(path, "w") as f:
-        f.write(new)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -297,16 +285,13 @@ def main():
             theirs = json.load(open(out))
         else:
             print(f"torch comparison failed or unavailable (rc {proc.returncode})")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True, check=False).stdout.strip()
-    header = (f"## GPU kernels\n\nDevice: {device_name()}; commit {commit or 'unknown'}; "
-              f"{datetime.date.today().isoformat()}; bf16, batch {BATCH}, {HEADS} heads; "
-              "medians of graph-mode calls; useful TFLOP/s (4*d FLOPs per attended pair fwd, "
-              "14*d fwd+bwd); strided timed in its reordered token order.\n")
-    text = header + "\n" + table(ours, theirs) + "\n"
-    print(text)
+    body = (f"bf16, batch {BATCH}, {HEADS} heads; medians of graph-mode calls; useful TFLOP/s "
+            "(4*d FLOPs per attended pair fwd, 14*d fwd+bwd); strided timed in its reordered "
+            "token order.\n\n" + table(ours, theirs))
     if args.write:
-        write_results(text)
+        print(results.write_section("GPU kernels", device_name(), body))
+    else:
+        print(body)
 
 
 if __name__ == "__main__":

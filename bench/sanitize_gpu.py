@@ -2,8 +2,9 @@
     compute-sanitizer --tool memcheck python3 bench/sanitize_gpu.py
     compute-sanitizer --tool racecheck python3 bench/sanitize_gpu.py
 Covers the tensor-core paths (bfloat16, head_dim 64: a fixed layout with partial tiles, a dense
-one, which takes the 128-row forward tiles, and a local one, which keeps 64-row tiles) and the
-scalar path (float32)."""
+one, which takes the 128-row forward tiles, and a local one, which keeps 64-row tiles), the
+backward with dq summed by atomics on the fixed and dense layouts, and the scalar path
+(float32)."""
 
 import os
 import sys
@@ -16,11 +17,14 @@ from tf_sparse_attn import BlockLayout, sparse_attention  # noqa: E402
 
 
 def main():
-    cases = [(BlockLayout.fixed(192, 16, 64, 16), tf.bfloat16),
-             (BlockLayout.dense(192, 16), tf.bfloat16),
-             (BlockLayout.local(192, 16, 32), tf.bfloat16),
-             (BlockLayout.fixed(192, 16, 64, 16), tf.float32)]
-    for layout, dtype in cases:
+    cases = [(BlockLayout.fixed(192, 16, 64, 16), tf.bfloat16, "deterministic"),
+             (BlockLayout.dense(192, 16), tf.bfloat16, "deterministic"),
+             (BlockLayout.local(192, 16, 32), tf.bfloat16, "deterministic"),
+             (BlockLayout.fixed(192, 16, 64, 16), tf.bfloat16, "atomic"),
+             (BlockLayout.dense(192, 16), tf.bfloat16, "atomic"),
+             (BlockLayout.fixed(192, 16, 64, 16), tf.float32, "deterministic")]
+    for layout, dtype, dq_mode in cases:
+        os.environ["TF_SPARSE_ATTN_GPU_DQ"] = dq_mode
         with tf.device("/GPU:0"):
             q, k, v = (tf.cast(tf.random.normal([1, 181, 3, 64]), dtype) for _ in range(3))
             with tf.GradientTape() as tape:
@@ -28,7 +32,7 @@ def main():
                 out = sparse_attention(q, k, v, layout)
                 loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2)
             grads = tape.gradient(loss, [q, k, v])
-        print(dtype.name, float(loss), [float(tf.reduce_sum(tf.cast(g, tf.float32))) for g in grads])
+        print(dtype.name, dq_mode, float(loss), [float(tf.reduce_sum(tf.cast(g, tf.float32))) for g in grads])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ os.environ["TF_SPARSE_ATTN_GPU_POISON"] = "1"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from tensorflow.python.framework import config  # noqa: E402
 
 from tf_sparse_attn import BlockLayout, sparse_attention  # noqa: E402
 from tf_sparse_attn._load import load_op_library  # noqa: E402
@@ -138,12 +139,46 @@ def test_longer_sequence_many_tiles():
           compare_cpu=False)
 
 
-def test_deterministic():
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16], ids=lambda d: d.name)
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_atomic_dq(pattern, dtype, dim, monkeypatch):
+    # dq summed by atomics from the dk/dv kernel, whatever the layout would pick.
+    monkeypatch.setenv("TF_SPARSE_ATTN_GPU_DQ", "atomic")
+    check(pattern, dtype, dim, 16, seed=hash((pattern, dtype.name, dim, "atomic")) % 2**31)
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 128])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_atomic_dq_block_sizes(block_size, causal, monkeypatch):
+    monkeypatch.setenv("TF_SPARSE_ATTN_GPU_DQ", "atomic")
+    check("fixed", tf.bfloat16, 64, block_size, causal, blocks=max(4, 512 // block_size),
+          trim=block_size // 2 + 3, batch=2, key_mask=True, seed=block_size + causal)
+
+
+@pytest.fixture
+def op_determinism():
+    config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        config.disable_op_determinism()
+
+
+def test_deterministic(op_determinism, monkeypatch):
+    # Op determinism outranks a request for atomics.
+    monkeypatch.setenv("TF_SPARSE_ATTN_GPU_DQ", "atomic")
     args = dict(seed=21, heads=3, blocks=16, compare_cpu=False)
     first = check("dense", tf.bfloat16, 64, 32, **args)
     second = check("dense", tf.bfloat16, 64, 32, **args)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_dq_mode_is_an_error(monkeypatch):
+    monkeypatch.setenv("TF_SPARSE_ATTN_GPU_DQ", "fast")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="TF_SPARSE_ATTN_GPU_DQ"):
+        check("dense", tf.bfloat16, 64, 16, seed=1, compare_cpu=False)
 
 
 def raw_inputs(time=64, block_size=16, dtype=tf.bfloat16):

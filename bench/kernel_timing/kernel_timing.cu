@@ -1,7 +1,8 @@
 // Kernel-only timing of the GPU launchers, without TensorFlow: CUDA-event time per call of the
-// forward, the whole backward and dq alone (bfloat16, batch 2, 8 heads) on a layout written by
-// dump_layouts.py, with the work lists the op would build. Prints checksums of the outputs, so
-// that two builds of the kernels can be compared on the same inputs.
+// forward, the whole backward, dq alone and the backward with dq summed by atomics (bfloat16,
+// batch 2, 8 heads) on a layout written by dump_layouts.py, with the work lists the op would
+// build. Prints checksums of the outputs, so that two builds of the kernels can be compared on
+// the same inputs.
 //
 //   kernel_timing LAYOUT.bin HEAD_DIM LABEL
 #include <cuda_runtime.h>
@@ -167,15 +168,22 @@ int main(int argc, char** argv) {
   float dq_only = 0.f;
   if (D == 64) dq_only = time_ms([&] { return LaunchDq<64>(p, backward); });
   if (D == 128) dq_only = time_ms([&] { return LaunchDq<128>(p, backward); });
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const double dq_sum = AbsSum(dq, n), dk_sum = AbsSum(dk, n), dv_sum = AbsSum(dv, n);
+  // The backward with dq summed by atomics into a float32 accumulator.
+  TileWork fused = backward;
+  CHECK_CUDA(cudaMalloc(&fused.dq_accum, n * 4));
+  const float bwd_fused = time_ms([&] { return LaunchBackward(p, fused, nullptr); });
   if (err != nullptr) {
     std::printf("%s: launch error %s\n", argv[3], err);
     return 1;
   }
   CHECK_CUDA(cudaDeviceSynchronize());
   std::printf("%-24s d=%3d T=%6d tiles q%d k%d | fwd %7.3f | bwd %7.3f (dq %7.3f dk/dv %7.3f) | "
-              "fwd+bwd %7.3f ms | sums out %.6e dq %.6e dk %.6e dv %.6e\n",
+              "fwd+bwd %7.3f ms | atomic dq: bwd %7.3f fwd+bwd %7.3f ms | sums out %.6e "
+              "dq %.6e dk %.6e dv %.6e | atomic dq %.6e dk %.6e dv %.6e\n",
               argv[3], D, T, forward.query_tile, backward.key_tile, fwd, bwd, dq_only,
-              bwd - dq_only, fwd + bwd, AbsSum(o, n), AbsSum(dq, n), AbsSum(dk, n),
-              AbsSum(dv, n));
+              bwd - dq_only, fwd + bwd, bwd_fused, fwd + bwd_fused, AbsSum(o, n), dq_sum, dk_sum,
+              dv_sum, AbsSum(dq, n), AbsSum(dk, n), AbsSum(dv, n));
   return 0;
 }

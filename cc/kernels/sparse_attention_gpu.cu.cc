@@ -2,6 +2,8 @@
 // them (delta = rowsum(dO * O) - d_lse for the backward pass).
 #if GOOGLE_CUDA
 
+#include <algorithm>
+
 #include "cc/kernels/sparse_attention_gpu.h"
 #include "cc/kernels/sparse_attention_kernels.cuh"
 
@@ -9,9 +11,11 @@ namespace tf_sparse_attn {
 namespace gpu {
 namespace {
 
-// One warp per (batch, token, head) row: the d_out and out rows are contiguous there.
+// One warp per (batch, token, head) row: the d_out and out rows are contiguous there, and so
+// is the row of the dq accumulator, which it zeros when there is one.
 template <ElementType E>
-__global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p, float* delta) {
+__global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p,
+                                                   const TileWork w) {
   using T = typename detail::Elem<E>::T;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.heads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
@@ -23,6 +27,10 @@ __global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p
   for (int c = lane; c < p.value_dim; c += 32)
     acc += detail::Elem<E>::ToFloat(o[c]) * detail::Elem<E>::ToFloat(d[c]);
   acc = detail::WarpSum(acc);
+  if (w.dq_accum != nullptr) {
+    float* zero = w.dq_accum + row * p.head_dim;
+    for (int c = lane; c < p.head_dim; c += 32) zero[c] = 0.f;
+  }
   if (lane == 0) {
     const int h = static_cast<int>(row % p.heads);
     const int64_t bt = row / p.heads;
@@ -30,7 +38,22 @@ __global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p
     const int b = static_cast<int>(bt / p.q_len);
     const int64_t at = (static_cast<int64_t>(b) * p.heads + h) * p.q_len + i;
     // d lse_i / d s_ij = P_ij, so d_lse enters dS = P (dP - delta) with the opposite sign.
-    delta[at] = acc - (p.d_lse != nullptr ? p.d_lse[at] : 0.f);
+    w.delta[at] = acc - (p.d_lse != nullptr ? p.d_lse[at] : 0.f);
+  }
+}
+
+// dq = scale * accumulator, four elements per thread (head_dim is a multiple of 32 here).
+template <ElementType E>
+__global__ void __launch_bounds__(256) DqFromAccumKernel(const SparseAttentionParams p,
+                                                         const float* acc, int64_t n) {
+  using Elem = detail::Elem<E>;
+  uint2* dq = static_cast<uint2*>(p.dq);
+  const float4* src = reinterpret_cast<const float4*>(acc);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; i < n / 4;
+       i += static_cast<int64_t>(gridDim.x) * 256) {
+    const float4 v = src[i];
+    dq[i] = make_uint2(Elem::Pack(v.x * p.scale, v.y * p.scale),
+                       Elem::Pack(v.z * p.scale, v.w * p.scale));
   }
 }
 
@@ -65,9 +88,24 @@ const char* LaunchDelta(const SparseAttentionParams& p, const TileWork& w, void*
   const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case ElementType::kFloat32: DeltaKernel<ElementType::kFloat32><<<blocks, 256, 0, s>>>(p, w.delta); break;
-    case ElementType::kFloat16: DeltaKernel<ElementType::kFloat16><<<blocks, 256, 0, s>>>(p, w.delta); break;
-    case ElementType::kBFloat16: DeltaKernel<ElementType::kBFloat16><<<blocks, 256, 0, s>>>(p, w.delta); break;
+    case ElementType::kFloat32: DeltaKernel<ElementType::kFloat32><<<blocks, 256, 0, s>>>(p, w); break;
+    case ElementType::kFloat16: DeltaKernel<ElementType::kFloat16><<<blocks, 256, 0, s>>>(p, w); break;
+    case ElementType::kBFloat16: DeltaKernel<ElementType::kBFloat16><<<blocks, 256, 0, s>>>(p, w); break;
+  }
+  return detail::LastError();
+}
+
+const char* LaunchDqFromAccum(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  const int64_t n = static_cast<int64_t>(p.batch) * p.q_len * p.heads * p.head_dim;
+  if (n == 0) return nullptr;
+  if (p.head_dim % 4 != 0 || p.dtype == ElementType::kFloat32)
+    return "the dq accumulator takes float16 or bfloat16 with head_dim a multiple of 4";
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n / 4 + 255) / 256, 8192));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (p.dtype == ElementType::kFloat16) {
+    DqFromAccumKernel<ElementType::kFloat16><<<blocks, 256, 0, s>>>(p, w.dq_accum, n);
+  } else {
+    DqFromAccumKernel<ElementType::kBFloat16><<<blocks, 256, 0, s>>>(p, w.dq_accum, n);
   }
   return detail::LastError();
 }

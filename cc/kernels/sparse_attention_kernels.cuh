@@ -11,7 +11,10 @@
 //   dk, dv   one CTA per 64 key rows (32 where the host finds that narrower tiles skip enough
 //            masked products) walking the transposed work list; computes S^T and dP^T so
 //            that P^T and dS^T come out of the accumulators already in the A-operand layout.
-// Every output element is owned by one thread of one CTA: no atomics, deterministic.
+// Deterministic by default: every output element is owned by one thread of one CTA. Where the
+// host passes a float32 dq accumulator (TileWork::dq_accum), the dk/dv kernel also adds dS K
+// into it with atomics, and the dq kernel with its second computation of S and dP is skipped:
+// two products of seven per pair fewer, at the price of a summation order that varies.
 //
 // Scalar path (float32, other head sizes): one warp per row, the same work lists.
 #ifndef TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_KERNELS_CUH_
@@ -710,18 +713,79 @@ struct DkvConfig {
   // layouts: twice the steps, each with its barrier and loads. 32 queries with two m-tiles per
   // warp, as in the forward, was 4% slower on dense layouts and 6% faster on local ones.)
   static constexpr int kQueries = D > 64 ? 32 : 64;
-  static constexpr size_t SmemBytes(size_t elem) {
-    return elem * (2 * kKeys * kS + 4 * kQueries * kS) + sizeof(float) * 4 * kQueries;
+  // The dS^T tile [kKeys][kQueries] that the fused dq product reads back, padded like kS.
+  static constexpr int kSdS = kQueries + 8;
+  // Output columns of one fused dq piece: 16 queries by kDqCols, at most 32 accumulators per
+  // thread.
+  static constexpr int kDqCols = D < 64 ? D : 64;
+  static constexpr size_t SmemBytes(size_t elem, bool fused_dq) {
+    return elem * (2 * kKeys * kS + 4 * kQueries * kS + (fused_dq ? kKeys * kSdS : 0)) +
+           sizeof(float) * 4 * kQueries;
   }
 };
 
+// Adds two adjacent float32 values into global memory: one vector reduction on sm_90.
+__device__ __forceinline__ void AtomicAdd2(float* dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
+// dq += dS K for one step of the dk/dv kernel, from the CTA's dS^T tile in shared memory
+// ([key][query], row stride kSdS) and its K rows, into the float32 accumulator w.dq_accum. The
+// warps share the step's pieces of 16 queries by kDqCols columns; each piece is a product over
+// all the tile's keys, added to global memory once.
 template <ElementType E, int D, bool kNarrow>
+__device__ __forceinline__ void FusedDqStep(const TileWork& w, const typename Elem<E>::T* sdS,
+                                            const typename Elem<E>::T* sK, const int32_t* ent,
+                                            int e, int e1, int64_t qoff, int64_t stride,
+                                            int warp, int lane) {
+  using Cfg = DkvConfig<D, kNarrow>;
+  constexpr int S = Cfg::kS, SD = Cfg::kSdS, KT = Cfg::kKeys, DC = Cfg::kDqCols;
+  constexpr int kColBlocks = D / DC, kPieces = Cfg::kQueries / 16 * kColBlocks;
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll 1
+  for (int piece = warp; piece < kPieces; piece += Cfg::kThreads / 32) {
+    const int mt = piece / kColBlocks, c0 = (piece % kColBlocks) * DC;
+    if (e + mt >= e1) continue;  // a chunk past the list: its dS is zero
+    float acc[DC / 8][4];
+#pragma unroll
+    for (int n = 0; n < DC / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KT / 16; ++kk) {
+      // dS^T is stored [key][query]: the transposing load gives the A operand dS.
+      uint32_t a[4];
+      Ldmatrix4T(a, sdS + kk * 16 * SD + mt * 16 + OffsetBn<SD>(lane));
+#pragma unroll
+      for (int dd = 0; dd < DC / 16; ++dd) {
+        uint32_t kf[4];
+        Ldmatrix4T(kf, sK + kk * 16 * S + c0 + dd * 16 + OffsetBt<S>(lane));
+        Mma<E>(acc[2 * dd], a, kf[0], kf[1]);
+        Mma<E>(acc[2 * dd + 1], a, kf[2], kf[3]);
+      }
+    }
+    float* dst = w.dq_accum + qoff + c0 + 2 * t4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = ent[2 * (e + mt)] + g + 8 * r;
+#pragma unroll
+      for (int n = 0; n < DC / 8; ++n) AtomicAdd2(dst + i * stride + n * 8, acc[n][2 * r],
+                                                  acc[n][2 * r + 1]);
+    }
+  }
+}
+
+// kFusedDq: also adds dS K into w.dq_accum (see the top of this file).
+template <ElementType E, int D, bool kNarrow, bool kFusedDq>
 __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
     MmaDkvKernel(const SparseAttentionParams p, const TileWork w) {
   using Cfg = DkvConfig<D, kNarrow>;
   using T = typename Elem<E>::T;
   constexpr int S = Cfg::kS, QN = Cfg::kQueries, NT = QN / 8, NC = QN / 16;
-  constexpr int KT = Cfg::kKeys, TH = Cfg::kThreads;
+  constexpr int KT = Cfg::kKeys, TH = Cfg::kThreads, SD = Cfg::kSdS;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + KT * S;
@@ -729,6 +793,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
   T* sdO = sQ + 2 * QN * S;
   float* sLse = reinterpret_cast<float*>(sdO + 2 * QN * S);
   float* sDelta = sLse + 2 * QN;
+  T* sdS = reinterpret_cast<T*>(sDelta + 2 * QN);  // only when kFusedDq
 
   // Narrow tiles (sparse columns, e.g. the fixed pattern's summaries) go tile-major over (batch,
   // head), so that the heaviest tiles of every head start in the first waves instead of those
@@ -870,6 +935,19 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
         Mma<E>(dk[2 * dd], da, qf[0], qf[1]);
         Mma<E>(dk[2 * dd + 1], da, qf[2], qf[3]);
       }
+      if constexpr (kFusedDq) {
+        // The warp's rows of dS^T, as the tile's dq product needs every key row of the CTA.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          uint32_t* row = reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8 * r) * SD);
+          row[kk * 8 + t4] = da[r];
+          row[kk * 8 + 4 + t4] = da[r + 2];
+        }
+      }
+    }
+    if constexpr (kFusedDq) {
+      __syncthreads();
+      FusedDqStep<E, D, kNarrow>(w, sdS, sK, ent, e, e1, qoff, stride, warp, lane);
     }
     __syncthreads();
   }
@@ -926,24 +1004,37 @@ const char* MmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, vo
                 Cfg::kThreads);
 }
 
+template <ElementType E, int D, bool kFusedDq>
+const char* LaunchDkv(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  using T = typename Elem<E>::T;
+  dim3 grid;
+  if (const char* err = FlatGrid(KeyTiles(p, w), p, &grid)) return err;
+  if (w.key_tile == kNarrowKeyTile) {
+    using Cfg = DkvConfig<D, true>;
+    return Launch(MmaDkvKernel<E, D, true, kFusedDq>, grid, Cfg::SmemBytes(sizeof(T), kFusedDq),
+                  stream, p, w, Cfg::kThreads);
+  }
+  using Cfg = DkvConfig<D, false>;
+  return Launch(MmaDkvKernel<E, D, false, kFusedDq>, grid, Cfg::SmemBytes(sizeof(T), kFusedDq),
+                stream, p, w, Cfg::kThreads);
+}
+
 template <ElementType E, int D>
 const char* MmaBackwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
   using T = typename Elem<E>::T;
+  if (w.dq_accum != nullptr) {
+    // delta and a zeroed accumulator, one pass over the key tiles, then dq from the sums.
+    if (const char* err = internal::LaunchDelta(p, w, stream)) return err;
+    if (const char* err = LaunchDkv<E, D, true>(p, w, stream)) return err;
+    return internal::LaunchDqFromAccum(p, w, stream);
+  }
   // No delta kernel: dq computes delta (RowDelta) before dk/dv, launched after it, reads it.
-  dim3 qgrid, kgrid;
+  dim3 qgrid;
   if (const char* err = FlatGrid(QueryTiles(p), p, &qgrid)) return err;
-  if (const char* err = FlatGrid(KeyTiles(p, w), p, &kgrid)) return err;
   if (const char* err = Launch(MmaDqKernel<E, D>, qgrid, DqConfig<D>::SmemBytes(sizeof(T)),
                                stream, p, w, DqConfig<D>::kThreads))
     return err;
-  if (w.key_tile == kNarrowKeyTile) {
-    using Cfg = DkvConfig<D, true>;
-    return Launch(MmaDkvKernel<E, D, true>, kgrid, Cfg::SmemBytes(sizeof(T)), stream, p, w,
-                  Cfg::kThreads);
-  }
-  using Cfg = DkvConfig<D, false>;
-  return Launch(MmaDkvKernel<E, D, false>, kgrid, Cfg::SmemBytes(sizeof(T)), stream, p, w,
-                Cfg::kThreads);
+  return LaunchDkv<E, D, false>(p, w, stream);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@
 #include "cc/kernels/sparse_attention_op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/util/determinism.h"
 #include "xla/stream_executor/stream.h"
 
 namespace Eigen {
@@ -153,6 +154,25 @@ Status MaybePoison(OpKernelContext* ctx, std::initializer_list<std::pair<void*, 
   return ::tensorflow::OkStatus();
 }
 
+// How dq is summed: "deterministic" (its own kernel), "atomic" (atomics from the dk/dv kernel
+// into a float32 accumulator) or, with TF_SPARSE_ATTN_GPU_DQ unset, whichever PreferAtomicDq
+// picks for the layout. Op determinism (tf.config.experimental.enable_op_determinism) always
+// gets the deterministic kernels.
+Status UseAtomicDq(const SparseAttentionParams& p, int key_tile, bool* atomic) {
+  *atomic = false;
+  if (!gpu::HasMma(p) || ::tsl::OpDeterminismRequired()) return ::tensorflow::OkStatus();
+  const char* mode = std::getenv("TF_SPARSE_ATTN_GPU_DQ");
+  if (mode == nullptr || mode[0] == '\0') {
+    *atomic = gpu::PreferAtomicDq(p, key_tile);
+  } else if (std::strcmp(mode, "atomic") == 0) {
+    *atomic = true;
+  } else if (std::strcmp(mode, "deterministic") != 0) {
+    return ::tensorflow::errors::InvalidArgument(
+        "TF_SPARSE_ATTN_GPU_DQ = '", mode, "' must be 'atomic', 'deterministic' or unset");
+  }
+  return ::tensorflow::OkStatus();
+}
+
 Status CheckSupported(const SparseAttentionParams& p) {
   const char* why = nullptr;
   if (!gpu::Supported(p, &why)) return ::tensorflow::errors::InvalidArgument(why);
@@ -204,6 +224,16 @@ struct SparseAttentionRunner<GPUDevice> {
     w.k_entries = kb + k.entries_at;
     w.key_tile = k.tile_rows;
     w.delta = delta.flat<float>().data();
+    bool atomic = false;
+    TF_RETURN_IF_ERROR(UseAtomicDq(p, w.key_tile, &atomic));
+    Tensor dq_accum;
+    if (atomic) {
+      TF_RETURN_IF_ERROR(ctx->allocate_temp(
+          ::tensorflow::DT_FLOAT,
+          ::tensorflow::TensorShape({std::max<int64_t>(1, int64_t(qrows) * p.head_dim)}),
+          &dq_accum));
+      w.dq_accum = dq_accum.flat<float>().data();
+    }
     if (const char* err = gpu::LaunchBackward(p, w, RawStream(ctx)))
       return KernelError("BlockSparseAttentionGrad GPU kernel", err);
     return ::tensorflow::OkStatus();
