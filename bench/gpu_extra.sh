@@ -3,8 +3,7 @@
 # TensorFlow sees a GPU and the op library is built. Tables go to $OUT (when set) and stdout.
 # Wall time on an H100 (2026-11): profiles about 2 min; layers (op path, three lengths) 3-6 min;
 # each model case 2.5-3.2 min (±20 s between runs), most of it TensorFlow's start and the
-# 30-layer step's trace, XLA compilation and warm-up (MultiHeadAttention's ran past 7 min before
-# its causal mask stopped being evaluated at graph optimisation; not yet timed since).
+# 30-layer step's trace, XLA compilation and warm-up (MultiHeadAttention's too: 155 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
