@@ -143,7 +143,7 @@ def test_longer_sequence_many_tiles():
 @pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16], ids=lambda d: d.name)
 @pytest.mark.parametrize("dim", [32, 64, 128])
 def test_atomic_dq(pattern, dtype, dim, monkeypatch):
-    # dq summed by atomics from the dk/dv kernel, whatever the layout would pick.
+    # dq summed in float32 by the dk/dv kernel, whatever the layout would pick.
     monkeypatch.setenv("TF_SPARSE_ATTN_GPU_DQ", "atomic")
     check(pattern, dtype, dim, 16, seed=hash((pattern, dtype.name, dim, "atomic")) % 2**31)
 

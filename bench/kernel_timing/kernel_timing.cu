@@ -1,5 +1,5 @@
 // Kernel-only timing of the GPU launchers, without TensorFlow: CUDA-event time per call of the
-// forward, the whole backward, dq alone and the backward with dq summed by atomics (bfloat16,
+// forward, the whole backward, dq alone and the backward with dq summed by the dk/dv kernel (bf16,
 // batch 2, 8 heads) on a layout written by dump_layouts.py, with the work lists the op would
 // build. Prints checksums of the outputs, so that two builds of the kernels can be compared on
 // the same inputs.
@@ -170,7 +170,7 @@ int main(int argc, char** argv) {
   if (D == 128) dq_only = time_ms([&] { return LaunchDq<128>(p, backward); });
   CHECK_CUDA(cudaDeviceSynchronize());
   const double dq_sum = AbsSum(dq, n), dk_sum = AbsSum(dk, n), dv_sum = AbsSum(dv, n);
-  // The backward with dq summed by atomics into a float32 accumulator.
+  // The backward with dq summed into a float32 accumulator by the dk/dv kernel.
   TileWork fused = backward;
   CHECK_CUDA(cudaMalloc(&fused.dq_accum, n * 4));
   const float bwd_fused = time_ms([&] { return LaunchBackward(p, fused, nullptr); });

@@ -11,8 +11,7 @@ namespace tf_sparse_attn {
 namespace gpu {
 namespace {
 
-// One warp per (batch, token, head) row: the d_out and out rows are contiguous there, and so
-// is the row of the dq accumulator, which it zeros when there is one.
+// One warp per (batch, token, head) row: the d_out and out rows are contiguous there.
 template <ElementType E>
 __global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p,
                                                    const TileWork w) {
@@ -27,10 +26,6 @@ __global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p
   for (int c = lane; c < p.value_dim; c += 32)
     acc += detail::Elem<E>::ToFloat(o[c]) * detail::Elem<E>::ToFloat(d[c]);
   acc = detail::WarpSum(acc);
-  if (w.dq_accum != nullptr) {
-    float* zero = w.dq_accum + row * p.head_dim;
-    for (int c = lane; c < p.head_dim; c += 32) zero[c] = 0.f;
-  }
   if (lane == 0) {
     const int h = static_cast<int>(row % p.heads);
     const int64_t bt = row / p.heads;
@@ -42,18 +37,29 @@ __global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p
   }
 }
 
-// dq = scale * accumulator, four elements per thread (head_dim is a multiple of 32 here).
+// dq = scale * accumulator: one thread per four accumulator values (one lane's fragment of an
+// n-tile, see detail::DqAccumIndex), which are two pairs of adjacent dq elements in two rows.
 template <ElementType E>
 __global__ void __launch_bounds__(256) DqFromAccumKernel(const SparseAttentionParams p,
                                                          const float* acc, int64_t n) {
   using Elem = detail::Elem<E>;
-  uint2* dq = static_cast<uint2*>(p.dq);
+  using T = typename Elem::T;
+  const int d = p.head_dim, fragments = 32 * (d / 8);  // float4s per 16-row chunk
+  const int chunks = p.q_len / 16;
   const float4* src = reinterpret_cast<const float4*>(acc);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; i < n / 4;
        i += static_cast<int64_t>(gridDim.x) * 256) {
     const float4 v = src[i];
-    dq[i] = make_uint2(Elem::Pack(v.x * p.scale, v.y * p.scale),
-                       Elem::Pack(v.z * p.scale, v.w * p.scale));
+    const int64_t chunk = i / fragments;
+    const int within = static_cast<int>(i % fragments), n_tile = within / 32, lane = within % 32;
+    const int64_t bh = chunk / chunks;
+    const int t = static_cast<int>(chunk % chunks) * 16 + (lane >> 2);
+    const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
+    const int col = n_tile * 8 + 2 * (lane & 3);
+    T* row = static_cast<T*>(p.dq) + ((static_cast<int64_t>(b) * p.q_len + t) * p.heads + h) * d;
+    const int64_t next = static_cast<int64_t>(8) * p.heads * d;  // row t + 8
+    *reinterpret_cast<uint32_t*>(row + col) = Elem::Pack(v.x * p.scale, v.y * p.scale);
+    *reinterpret_cast<uint32_t*>(row + next + col) = Elem::Pack(v.z * p.scale, v.w * p.scale);
   }
 }
 
@@ -88,9 +94,15 @@ const char* LaunchDelta(const SparseAttentionParams& p, const TileWork& w, void*
   const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case ElementType::kFloat32: DeltaKernel<ElementType::kFloat32><<<blocks, 256, 0, s>>>(p, w); break;
-    case ElementType::kFloat16: DeltaKernel<ElementType::kFloat16><<<blocks, 256, 0, s>>>(p, w); break;
-    case ElementType::kBFloat16: DeltaKernel<ElementType::kBFloat16><<<blocks, 256, 0, s>>>(p, w); break;
+    case ElementType::kFloat32:
+      DeltaKernel<ElementType::kFloat32><<<blocks, 256, 0, s>>>(p, w);
+      break;
+    case ElementType::kFloat16:
+      DeltaKernel<ElementType::kFloat16><<<blocks, 256, 0, s>>>(p, w);
+      break;
+    case ElementType::kBFloat16:
+      DeltaKernel<ElementType::kBFloat16><<<blocks, 256, 0, s>>>(p, w);
+      break;
   }
   return detail::LastError();
 }
@@ -98,8 +110,8 @@ const char* LaunchDelta(const SparseAttentionParams& p, const TileWork& w, void*
 const char* LaunchDqFromAccum(const SparseAttentionParams& p, const TileWork& w, void* stream) {
   const int64_t n = static_cast<int64_t>(p.batch) * p.q_len * p.heads * p.head_dim;
   if (n == 0) return nullptr;
-  if (p.head_dim % 4 != 0 || p.dtype == ElementType::kFloat32)
-    return "the dq accumulator takes float16 or bfloat16 with head_dim a multiple of 4";
+  if (p.head_dim % 8 != 0 || p.q_len % 16 != 0 || p.dtype == ElementType::kFloat32)
+    return "the dq accumulator takes float16 or bfloat16, head_dim a multiple of 8 and q_len of 16";
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n / 4 + 255) / 256, 8192));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (p.dtype == ElementType::kFloat16) {

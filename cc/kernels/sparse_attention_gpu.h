@@ -51,9 +51,11 @@ struct TileWork {
   int query_tile = kTile;  // query rows of a forward tile that the q lists were built for
   int key_tile = kTile;    // key rows of a dk/dv tile that the k lists were built for
   float* delta = nullptr;  // [batch, heads, q_len] scratch of the backward pass
-  // [batch, q_len, heads, head_dim] float32 scratch of the backward pass, or nullptr. When set
-  // (tensor-core kernels only), dq is summed there by atomics from the dk/dv kernel: faster,
+  // batch * heads * q_len * head_dim float32 scratch of the backward pass, or nullptr. When set
+  // (tensor-core kernels only), the dk/dv kernel adds its dS K products into it, by bulk
+  // reductions or atomics, and a last pass writes dq from it: faster on dense-like layouts,
   // but the order of the sums varies from run to run, so dq may differ in its last bits.
+  // Layout: per (batch, head), q_len / 16 chunks of 16 rows by head_dim (detail::DqAccumIndex).
   float* dq_accum = nullptr;
 };
 
@@ -100,11 +102,12 @@ inline LayoutSide SideOf(const SparseAttentionParams& p, ListKind kind) {
 int BuildWorkLists(const SparseAttentionParams& p, ListKind kind, std::vector<int32_t>* offsets,
                    std::vector<int32_t>* entries);
 
-// Whether the backward pass is faster with dq summed by atomics (TileWork::dq_accum) for this
-// problem and the key tile height its dk/dv lists were built for. Measured on an H100 (bf16,
-// T = 16384, d = 64): dense causal 8.1 -> 7.5 ms, but sparse layouts lose (fixed 2.6 -> 3.0,
-// local 0.37 -> 0.40): the accumulator's passes and the atomics cost more than the two products
-// they save where a query attends few keys, and narrow key tiles double the atomics.
+// Whether the backward pass is faster with dq summed in a float32 accumulator by the dk/dv
+// kernel (TileWork::dq_accum) for this problem and the key tile height its dk/dv lists were
+// built for. Measured on an H100 (bf16, T = 16384, d = 64): dense causal 8.04 -> 6.37 ms, but
+// sparse layouts lose (fixed 2.62 -> 3.44, local 0.37 -> 0.41, strided 0.24 -> 0.31): the
+// accumulator's passes and each step's staging and barrier cost more than the two products
+// they save where a query attends few keys, and narrow key tiles have twice the steps.
 bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile);
 
 // Whether the GPU kernels take this problem; *why gets the reason when they do not.
@@ -131,9 +134,9 @@ template <ElementType E>
 const char* SimtForward(const SparseAttentionParams& p, const TileWork& w, void* stream);
 template <ElementType E>
 const char* SimtBackward(const SparseAttentionParams& p, const TileWork& w, void* stream);
-// delta into w.delta; zeros w.dq_accum where it is set.
+// delta into w.delta.
 const char* LaunchDelta(const SparseAttentionParams& p, const TileWork& w, void* stream);
-// dq = scale * w.dq_accum in p's dtype (float16 or bfloat16).
+// dq = scale * w.dq_accum in p's dtype (float16 or bfloat16) and layout.
 const char* LaunchDqFromAccum(const SparseAttentionParams& p, const TileWork& w, void* stream);
 }  // namespace internal
 

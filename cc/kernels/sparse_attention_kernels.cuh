@@ -12,9 +12,11 @@
 //            masked products) walking the transposed work list; computes S^T and dP^T so
 //            that P^T and dS^T come out of the accumulators already in the A-operand layout.
 // Deterministic by default: every output element is owned by one thread of one CTA. Where the
-// host passes a float32 dq accumulator (TileWork::dq_accum), the dk/dv kernel also adds dS K
-// into it with atomics, and the dq kernel with its second computation of S and dP is skipped:
-// two products of seven per pair fewer, at the price of a summation order that varies.
+// host passes a float32 dq accumulator (TileWork::dq_accum), the dk/dv kernel also computes
+// dS K, stages each step's products in shared memory and adds them to the accumulator with one
+// bulk reduction per 16 queries (sm_90; atomics per element before it), and the dq kernel with
+// its second computation of S and dP is skipped: two products of seven per pair fewer, at the
+// price of a summation order that varies.
 //
 // Scalar path (float32, other head sizes): one warp per row, the same work lists.
 #ifndef TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_KERNELS_CUH_
@@ -718,35 +720,83 @@ struct DkvConfig {
   // Output columns of one fused dq piece: 16 queries by kDqCols, at most 32 accumulators per
   // thread.
   static constexpr int kDqCols = D < 64 ? D : 64;
+  // A step's dq products (kQueries x D float32 in DqAccumIndex order), staged for the bulk
+  // reductions; two buffers, so that a step's reductions read one while the next fills the
+  // other.
+  static constexpr size_t kDqStageFloats = static_cast<size_t>(kQueries) * D;
   static constexpr size_t SmemBytes(size_t elem, bool fused_dq) {
     return elem * (2 * kKeys * kS + 4 * kQueries * kS + (fused_dq ? kKeys * kSdS : 0)) +
-           sizeof(float) * 4 * kQueries;
+           sizeof(float) * (4 * kQueries + (fused_dq ? 2 * kDqStageFloats : 0));
   }
+  // Bulk copies need 16-byte aligned shared addresses: every region above is a multiple of 16.
+  static_assert((kS * 2) % 16 == 0 && (kSdS * 2) % 16 == 0 && (4 * kQueries * 4) % 16 == 0,
+                "shared-memory regions must stay 16-byte aligned");
 };
 
-// Adds two adjacent float32 values into global memory: one vector reduction on sm_90.
-__device__ __forceinline__ void AtomicAdd2(float* dst, float a, float b) {
+// Position inside a 16-row chunk of the dq accumulator (TileWork::dq_accum) of the four values
+// that `lane` holds in the m16n8 accumulator of n-tile `n_tile` (columns 8 n_tile ..): the
+// chunk is stored in the order the MMA fragments hold it, so that a warp stages its results
+// with one contiguous 16-byte store per lane, without bank conflicts. Value x is row
+// (lane >> 2) + 8 (x >> 1), column 8 n_tile + 2 (lane & 3) + (x & 1) of the chunk.
+__host__ __device__ __forceinline__ int DqAccumIndex(int n_tile, int lane) {
+  return (n_tile * 32 + lane) * 4;
+}
+
+// Bulk reduction (sm_90): adds `bytes` of float32 from shared memory into global memory in one
+// instruction, carried out by the copy engine and L2 rather than by one atomic per element.
+__device__ __forceinline__ void BulkReduceAdd(float* dst, const float* src, int bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+  asm volatile(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+      "r"(SmemAddr(src)), "r"(bytes)
+      : "memory");
+#endif
+}
+__device__ __forceinline__ void BulkCommit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until at most N committed bulk groups of this thread still read shared memory.
+template <int N>
+__device__ __forceinline__ void BulkWaitRead() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void BulkWaitAll() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
+// Orders this thread's shared-memory writes before bulk copies that read them.
+__device__ __forceinline__ void FenceSharedForBulk() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+constexpr bool BulkReductions() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return false;
 #else
-  atomicAdd(dst, a);
-  atomicAdd(dst + 1, b);
+  return true;
 #endif
 }
 
 // dq += dS K for one step of the dk/dv kernel, from the CTA's dS^T tile in shared memory
-// ([key][query], row stride kSdS) and its K rows, into the float32 accumulator w.dq_accum. The
-// warps share the step's pieces of 16 queries by kDqCols columns; each piece is a product over
-// all the tile's keys, added to global memory once.
+// ([key][query], row stride kSdS) and its K rows. The warps share the step's pieces of 16
+// queries by kDqCols columns, each a product over all the tile's keys. On sm_90 the pieces go
+// to `stage` (the step's 16-query chunks, each contiguous in DqAccumIndex order), which the
+// caller then adds to w.dq_accum with one bulk reduction per chunk; before sm_90 each thread
+// adds its values with atomics.
 template <ElementType E, int D, bool kNarrow>
 __device__ __forceinline__ void FusedDqStep(const TileWork& w, const typename Elem<E>::T* sdS,
-                                            const typename Elem<E>::T* sK, const int32_t* ent,
-                                            int e, int e1, int64_t qoff, int64_t stride,
+                                            const typename Elem<E>::T* sK, float* stage,
+                                            const int32_t* ent, int e, int e1, int64_t accum_bh,
                                             int warp, int lane) {
   using Cfg = DkvConfig<D, kNarrow>;
   constexpr int S = Cfg::kS, SD = Cfg::kSdS, KT = Cfg::kKeys, DC = Cfg::kDqCols;
   constexpr int kColBlocks = D / DC, kPieces = Cfg::kQueries / 16 * kColBlocks;
-  const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll 1
   for (int piece = warp; piece < kPieces; piece += Cfg::kThreads / 32) {
     const int mt = piece / kColBlocks, c0 = (piece % kColBlocks) * DC;
@@ -767,13 +817,21 @@ __device__ __forceinline__ void FusedDqStep(const TileWork& w, const typename El
         Mma<E>(acc[2 * dd + 1], a, kf[2], kf[3]);
       }
     }
-    float* dst = w.dq_accum + qoff + c0 + 2 * t4;
+    if constexpr (BulkReductions()) {
+      float* chunk = stage + mt * 16 * D;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t i = ent[2 * (e + mt)] + g + 8 * r;
+      for (int n = 0; n < DC / 8; ++n) {
+        *reinterpret_cast<float4*>(chunk + DqAccumIndex(c0 / 8 + n, lane)) =
+            make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+      }
+    } else {
+      float* chunk = w.dq_accum + accum_bh + static_cast<int64_t>(ent[2 * (e + mt)]) * D;
 #pragma unroll
-      for (int n = 0; n < DC / 8; ++n) AtomicAdd2(dst + i * stride + n * 8, acc[n][2 * r],
-                                                  acc[n][2 * r + 1]);
+      for (int n = 0; n < DC / 8; ++n) {
+        float* dst = chunk + DqAccumIndex(c0 / 8 + n, lane);
+#pragma unroll
+        for (int x = 0; x < 4; ++x) atomicAdd(dst + x, acc[n][x]);
+      }
     }
   }
 }
@@ -794,6 +852,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
   float* sLse = reinterpret_cast<float*>(sdO + 2 * QN * S);
   float* sDelta = sLse + 2 * QN;
   T* sdS = reinterpret_cast<T*>(sDelta + 2 * QN);  // only when kFusedDq
+  float* sDq = reinterpret_cast<float*>(sdS + KT * SD);  // only when kFusedDq
 
   // Narrow tiles (sparse columns, e.g. the fixed pattern's summaries) go tile-major over (batch,
   // head), so that the heaviest tiles of every head start in the first waves instead of those
@@ -816,6 +875,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
   const T* vp = static_cast<const T*>(p.v) + koff;
   const float* lsep = p.lse + static_cast<int64_t>(bh) * p.q_len;
   const float* deltap = w.delta + static_cast<int64_t>(bh) * p.q_len;
+  const int64_t accum_bh = static_cast<int64_t>(bh) * p.q_len * D;  // this head's dq sums
   const int32_t* list = w.k_offsets + lh * tiles + tile;
   const int e0 = list[0], e1 = list[1];
   const int ngroups = (e1 - e0 + NC - 1) / NC;
@@ -947,9 +1007,30 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
     }
     if constexpr (kFusedDq) {
       __syncthreads();
-      FusedDqStep<E, D, kNarrow>(w, sdS, sK, ent, e, e1, qoff, stride, warp, lane);
+      float* stage = sDq + buf * Cfg::kDqStageFloats;
+      FusedDqStep<E, D, kNarrow>(w, sdS, sK, stage, ent, e, e1, accum_bh, warp, lane);
+      if constexpr (BulkReductions()) {
+        FenceSharedForBulk();
+        __syncthreads();
+        if (tid < NC) {
+          if (e + tid < e1) {
+            BulkReduceAdd(w.dq_accum + accum_bh + static_cast<int64_t>(ent[2 * (e + tid)]) * D,
+                          stage + tid * 16 * D, 16 * D * static_cast<int>(sizeof(float)));
+          }
+          BulkCommit();
+          // The stage this step filled is refilled two steps later, after this thread's wait
+          // and two barriers.
+          BulkWaitRead<1>();
+        }
+      } else {
+        __syncthreads();
+      }
+    } else {
+      __syncthreads();
     }
-    __syncthreads();
+  }
+  if constexpr (kFusedDq && BulkReductions()) {
+    if (tid < NC) BulkWaitAll();
   }
 
   T* dkp = static_cast<T*>(p.dk) + koff;
@@ -1024,6 +1105,10 @@ const char* MmaBackwardImpl(const SparseAttentionParams& p, const TileWork& w, v
   using T = typename Elem<E>::T;
   if (w.dq_accum != nullptr) {
     // delta and a zeroed accumulator, one pass over the key tiles, then dq from the sums.
+    const size_t accum_bytes = sizeof(float) * p.batch * p.heads * p.q_len * D;
+    const cudaError_t zeroed =
+        cudaMemsetAsync(w.dq_accum, 0, accum_bytes, static_cast<cudaStream_t>(stream));
+    if (zeroed != cudaSuccess) return cudaGetErrorString(zeroed);
     if (const char* err = internal::LaunchDelta(p, w, stream)) return err;
     if (const char* err = LaunchDkv<E, D, true>(p, w, stream)) return err;
     return internal::LaunchDqFromAccum(p, w, stream);
