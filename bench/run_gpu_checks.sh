@@ -16,7 +16,7 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   done
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-  timeout ${BENCH_TIMEOUT:-300} python3 bench/bench_gpu.py ${BENCH_ARGS:-} > "$OUT/bench_gpu.log" 2>&1
+  timeout ${BENCH_TIMEOUT:-450} python3 bench/bench_gpu.py ${BENCH_ARGS:-} > "$OUT/bench_gpu.log" 2>&1
   echo "bench rc $?" | tee -a "$OUT/summary.txt"
   cp bench/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
 fi
