@@ -155,9 +155,9 @@ Status MaybePoison(OpKernelContext* ctx, std::initializer_list<std::pair<void*, 
 }
 
 // How dq is summed: "deterministic" (its own kernel), "atomic" (reductions from the dk/dv
-// kernel into a float32 accumulator) or, with TF_SPARSE_ATTN_GPU_DQ unset, whichever PreferAtomicDq
-// picks for the layout. Op determinism (tf.config.experimental.enable_op_determinism) always
-// gets the deterministic kernels.
+// kernel into a float32 accumulator) or, with TF_SPARSE_ATTN_GPU_DQ unset, whichever
+// PreferAtomicDq picks for the layout. Op determinism
+// (tf.config.experimental.enable_op_determinism) always gets the deterministic kernels.
 Status UseAtomicDq(const SparseAttentionParams& p, int key_tile, bool* atomic) {
   *atomic = false;
   if (!gpu::HasMma(p) || ::tsl::OpDeterminismRequired()) return ::tensorflow::OkStatus();
