@@ -165,6 +165,12 @@ __device__ __forceinline__ void Specialize(bool a, bool b, F&& f) {
   }
 }
 
+// The same for one flag: f(Flag<a>()).
+template <typename F>
+__device__ __forceinline__ void Specialize(bool a, F&& f) {
+  if (a) f(Flag<true>()); else f(Flag<false>());
+}
+
 __device__ __forceinline__ float WarpSum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -962,7 +968,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
       }
     }
     // s becomes P^T, dp becomes dS^T.
-    Specialize(partial, false, [&](auto masked, auto) {
+    Specialize(partial, [&](auto masked) {
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
 #pragma unroll
