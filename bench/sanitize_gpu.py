@@ -3,8 +3,8 @@
     compute-sanitizer --tool racecheck python3 bench/sanitize_gpu.py
 Covers the tensor-core paths (bfloat16, head_dim 64: a fixed layout with partial tiles, a dense
 one, which takes the 128-row forward tiles, and a local one, which keeps 64-row tiles), the
-backward with dq summed by atomics on the fixed and dense layouts, and the scalar path
-(float32)."""
+backward with dq summed in a float32 accumulator on the fixed and dense layouts, and the scalar
+path (float32)."""
 
 import os
 import sys
@@ -32,7 +32,8 @@ def main():
                 out = sparse_attention(q, k, v, layout)
                 loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2)
             grads = tape.gradient(loss, [q, k, v])
-        print(dtype.name, dq_mode, float(loss), [float(tf.reduce_sum(tf.cast(g, tf.float32))) for g in grads])
+        sums = [float(tf.reduce_sum(tf.cast(g, tf.float32))) for g in grads]
+        print(dtype.name, dq_mode, float(loss), sums)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,20 @@ def test_atomic_dq_block_sizes(block_size, causal, monkeypatch):
           trim=block_size // 2 + 3, batch=2, key_mask=True, seed=block_size + causal)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_atomic_dq_many_steps(causal, monkeypatch):
+    # 64-key tiles walking 16 steps of queries: the staged products' two buffers are reused.
+    monkeypatch.setenv("TF_SPARSE_ATTN_GPU_DQ", "atomic")
+    check("dense", tf.bfloat16, 64, 64, causal, blocks=16, trim=37, heads=2, seed=31 + causal,
+          compare_cpu=False)
+
+
+def test_dense_long_sequence(monkeypatch):
+    # A query attends 2,080 keys on average, so that the layout itself picks the accumulator.
+    monkeypatch.delenv("TF_SPARSE_ATTN_GPU_DQ", raising=False)
+    check("dense", tf.bfloat16, 64, 64, blocks=64, trim=21, heads=2, seed=41, compare_cpu=False)
+
+
 @pytest.fixture
 def op_determinism():
     config.enable_op_determinism()
