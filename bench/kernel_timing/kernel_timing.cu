@@ -180,8 +180,8 @@ int main(int argc, char** argv) {
   }
   CHECK_CUDA(cudaDeviceSynchronize());
   std::printf("%-24s d=%3d T=%6d tiles q%d k%d | fwd %7.3f | bwd %7.3f (dq %7.3f dk/dv %7.3f) | "
-              "fwd+bwd %7.3f ms | atomic dq: bwd %7.3f fwd+bwd %7.3f ms | sums out %.6e "
-              "dq %.6e dk %.6e dv %.6e | atomic dq %.6e dk %.6e dv %.6e\n",
+              "fwd+bwd %7.3f ms | dq accumulator: bwd %7.3f fwd+bwd %7.3f ms | sums out %.6e "
+              "dq %.6e dk %.6e dv %.6e | accumulator dq %.6e dk %.6e dv %.6e\n",
               argv[3], D, T, forward.query_tile, backward.key_tile, fwd, bwd, dq_only,
               bwd - dq_only, fwd + bwd, bwd_fused, fwd + bwd_fused, AbsSum(o, n), dq_sum, dk_sum,
               dv_sum, AbsSum(dq, n), AbsSum(dk, n), AbsSum(dv, n));

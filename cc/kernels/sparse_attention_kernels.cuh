@@ -1011,28 +1011,24 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
         }
       }
     }
+    float* stage = sDq + buf * Cfg::kDqStageFloats;
     if constexpr (kFusedDq) {
       __syncthreads();
-      float* stage = sDq + buf * Cfg::kDqStageFloats;
       FusedDqStep<E, D, kNarrow>(w, sdS, sK, stage, ent, e, e1, accum_bh, warp, lane);
-      if constexpr (BulkReductions()) {
-        FenceSharedForBulk();
-        __syncthreads();
-        if (tid < NC) {
-          if (e + tid < e1) {
-            BulkReduceAdd(w.dq_accum + accum_bh + static_cast<int64_t>(ent[2 * (e + tid)]) * D,
-                          stage + tid * 16 * D, 16 * D * static_cast<int>(sizeof(float)));
-          }
-          BulkCommit();
-          // The stage this step filled is refilled two steps later, after this thread's wait
-          // and two barriers.
-          BulkWaitRead<1>();
+      if constexpr (BulkReductions()) FenceSharedForBulk();
+    }
+    __syncthreads();
+    if constexpr (kFusedDq && BulkReductions()) {
+      if (tid < NC) {
+        if (e + tid < e1) {
+          BulkReduceAdd(w.dq_accum + accum_bh + static_cast<int64_t>(ent[2 * (e + tid)]) * D,
+                        stage + tid * 16 * D, 16 * D * static_cast<int>(sizeof(float)));
         }
-      } else {
-        __syncthreads();
+        BulkCommit();
+        // The stage this step filled is refilled two steps later, after this thread's wait
+        // and two barriers.
+        BulkWaitRead<1>();
       }
-    } else {
-      __syncthreads();
     }
   }
   if constexpr (kFusedDq && BulkReductions()) {
