@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "bench/kernel_timing/layout_file.h"
 #include "cc/kernels/sparse_attention_kernels.cuh"
 
 using namespace tf_sparse_attn;       // NOLINT
@@ -28,21 +29,6 @@ using namespace tf_sparse_attn::gpu;  // NOLINT
   } while (0)
 
 namespace {
-
-std::vector<int32_t> ReadInts(const char* path) {
-  FILE* f = std::fopen(path, "rb");
-  if (f == nullptr) {
-    std::printf("cannot open %s\n", path);
-    std::exit(1);
-  }
-  std::fseek(f, 0, SEEK_END);
-  const long bytes = std::ftell(f);
-  std::fseek(f, 0, SEEK_SET);
-  std::vector<int32_t> v(bytes / 4);
-  if (std::fread(v.data(), 4, v.size(), f) != v.size()) std::exit(1);
-  std::fclose(f);
-  return v;
-}
 
 int32_t* ToDevice(const std::vector<int32_t>& v) {
   int32_t* d;
@@ -87,44 +73,32 @@ int main(int argc, char** argv) {
     std::printf("usage: %s LAYOUT.bin HEAD_DIM LABEL\n", argv[0]);
     return 2;
   }
-  // Layout file: block_size, T, window, min_distance, CSR length + 1, nnz, then the CSR
-  // (offsets, indices, flags) and the CSC (offsets, indices, flags), all int32.
-  const std::vector<int32_t> all = ReadInts(argv[1]);
+  const std::vector<int32_t> all = ReadLayoutFile(argv[1]);
   const int D = std::atoi(argv[2]);
-  const int bs = all[0], T = all[1], nr1 = all[4], nnz = all[5];
-  const int32_t* csr = &all[6];
   SparseAttentionParams p;
+  SetLayout(all, &p);
+  const int T = p.q_len;
   p.dtype = ElementType::kBFloat16;
   p.batch = 2;
   p.heads = 8;
-  p.q_len = p.kv_len = T;
   p.head_dim = p.value_dim = D;
-  p.block_size = bs;
-  p.num_q_blocks = p.num_kv_blocks = T / bs;
-  p.layout_heads = (nr1 - 1) / (T / bs);
-  p.nnz = nnz;
   p.scale = 1.f / std::sqrt(float(D));
   p.causal = true;
-  p.window = all[2];
-  p.min_distance = all[3];
-  p.row_offsets = csr;
-  p.col_indices = csr + nr1;
-  p.block_flags = csr + nr1 + nnz;
-  p.col_offsets = csr + nr1 + 2 * nnz;
-  p.row_indices = p.col_offsets + nr1;
-  p.csc_flags = p.row_indices + nnz;
 
-  std::vector<int32_t> fo, fe, qo, qe, ko, ke;
+  const HostWorkLists fwd_lists = BuildWorkLists(p, ListKind::kForward);
+  const HostWorkLists dq_lists = BuildWorkLists(p, ListKind::kDq);
+  const HostWorkLists key_lists = BuildWorkLists(p, ListKind::kKey);
   TileWork forward, backward;
-  forward.query_tile = BuildWorkLists(p, ListKind::kForward, &fo, &fe);
-  BuildWorkLists(p, ListKind::kDq, &qo, &qe);
-  backward.key_tile = BuildWorkLists(p, ListKind::kKey, &ko, &ke);
-  forward.q_offsets = ToDevice(fo);
-  forward.q_entries = ToDevice(fe);
-  backward.q_offsets = ToDevice(qo);
-  backward.q_entries = ToDevice(qe);
-  backward.k_offsets = ToDevice(ko);
-  backward.k_entries = ToDevice(ke);
+  forward.query_tile = fwd_lists.tile_rows;
+  forward.q_offsets = ToDevice(fwd_lists.offsets);
+  forward.q_entries = ToDevice(fwd_lists.entries);
+  backward.q_offsets = ToDevice(dq_lists.offsets);
+  backward.q_entries = ToDevice(dq_lists.entries);
+  backward.key_tile = key_lists.tile_rows;
+  backward.k_offsets = ToDevice(key_lists.offsets);
+  backward.k_entries = ToDevice(key_lists.entries);
+  if (!key_lists.halves.empty()) backward.k_halves = ToDevice(key_lists.halves);
+  const char* key_tiling_name[] = {"wide", "narrow", "paired"};
 
   const size_t n = size_t(2) * T * 8 * D;
   __nv_bfloat16 *q, *k, *v, *o, *d_out, *dq, *dk, *dv;
@@ -179,10 +153,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   CHECK_CUDA(cudaDeviceSynchronize());
-  std::printf("%-24s d=%3d T=%6d tiles q%d k%d | fwd %7.3f | bwd %7.3f (dq %7.3f dk/dv %7.3f) | "
+  std::printf("%-24s d=%3d T=%6d tiles q%d k%d %s | fwd %7.3f | bwd %7.3f (dq %7.3f dk/dv %7.3f) | "
               "fwd+bwd %7.3f ms | dq accumulator: bwd %7.3f fwd+bwd %7.3f ms | sums out %.6e "
               "dq %.6e dk %.6e dv %.6e | accumulator dq %.6e dk %.6e dv %.6e\n",
-              argv[3], D, T, forward.query_tile, backward.key_tile, fwd, bwd, dq_only,
+              argv[3], D, T, forward.query_tile, backward.key_tile,
+              key_tiling_name[static_cast<int>(key_lists.key_tiling)], fwd, bwd, dq_only,
               bwd - dq_only, fwd + bwd, bwd_fused, fwd + bwd_fused, AbsSum(o, n), dq_sum, dk_sum,
               dv_sum, AbsSum(dq, n), AbsSum(dk, n), AbsSum(dv, n));
   return 0;

@@ -42,12 +42,25 @@ constexpr int32_t kInfoPartial = 1 << 16;
 // a 64-key tile would spend much of its products on masked pairs. The host picks per layout.
 constexpr int kNarrowKeyTile = 32;
 
+// How the dk/dv kernel forms its key tiles: kTile contiguous keys, kNarrowKeyTile contiguous
+// keys, or kTile keys as two halves of kNarrowKeyTile that may lie anywhere (TileWork::k_halves):
+// the host pairs narrow tiles attended by nearly the same queries (the summary columns of two
+// neighbouring strides of a fixed pattern), so that a step serves 64 keys without the masked
+// products of a contiguous 64-key tile.
+enum class KeyTiling { kWide = 0, kNarrow = 1, kPaired = 2 };
+// Layout rows a half of a paired tile may span (block size 16): in an entry's info, the rows of
+// the second half start at bit kHalfSubs.
+constexpr int kHalfSubs = 2;
+
 // Work lists in device memory.
 struct TileWork {
   const int32_t* q_offsets = nullptr;  // [layout_heads * QueryTiles(p) + 1]
   const int32_t* q_entries = nullptr;  // 2 * q_offsets[last]
   const int32_t* k_offsets = nullptr;  // [layout_heads * KeyTiles(p, w) + 1]  (backward only)
   const int32_t* k_entries = nullptr;
+  // Paired key tiles only: the first key of each half of each (layout head, tile), -1 for an
+  // empty half; [layout_heads * KeyTiles(p, w) * 2].
+  const int32_t* k_halves = nullptr;
   int query_tile = kTile;  // query rows of a forward tile that the q lists were built for
   int key_tile = kTile;    // key rows of a dk/dv tile that the k lists were built for
   float* delta = nullptr;  // [batch, heads, q_len] scratch of the backward pass
@@ -95,20 +108,32 @@ inline LayoutSide SideOf(const SparseAttentionParams& p, ListKind kind) {
   return {p.row_offsets, p.col_indices, p.block_flags, p.layout_heads * p.num_q_blocks};
 }
 
-// Builds the lists of `kind` for the layout in p (host pointers): `offsets` gets
-// layout_heads * tiles + 1 values, `entries` the pairs described above. Where two tile heights
-// are possible, the tensor-core kernels get the one the layout favours. Returns the tile height
-// the lists were built for.
-int BuildWorkLists(const SparseAttentionParams& p, ListKind kind, std::vector<int32_t>* offsets,
-                   std::vector<int32_t>* entries);
+// The lists of one kind, built on the host.
+struct HostWorkLists {
+  int tile_rows = kTile;  // query rows (or key rows) of the tiles the lists were built for
+  KeyTiling key_tiling = KeyTiling::kWide;  // ListKind::kKey only
+  std::vector<int32_t> offsets;  // layout_heads * tiles + 1
+  std::vector<int32_t> entries;  // two int32 per entry, as described above
+  std::vector<int32_t> halves;   // KeyTiling::kPaired only: TileWork::k_halves
+};
+
+// Builds the lists of `kind` for the layout in p (host pointers). Where several tilings are
+// possible, the tensor-core kernels get the one the layout favours.
+HostWorkLists BuildWorkLists(const SparseAttentionParams& p, ListKind kind);
 
 // Whether the backward pass is faster with dq summed in a float32 accumulator by the dk/dv
 // kernel (TileWork::dq_accum) for this problem and the key tile height its dk/dv lists were
-// built for. Measured on an H100 (bf16, T = 16384, d = 64): dense causal 8.04 -> 6.37 ms, but
-// sparse layouts lose (fixed 2.62 -> 3.44, local 0.37 -> 0.41, strided 0.24 -> 0.31): the
-// accumulator's passes and each step's staging and barrier cost more than the two products
-// they save where a query attends few keys, and narrow key tiles have twice the steps.
+// built for. Measured on an H200 (bf16, T = 16384, d = 64, backward): dense causal 8.19 ->
+// 6.51 ms, fixed on paired key tiles 2.32 -> 1.95, but local 0.37 -> 0.40 and strided 0.23 ->
+// 0.29: the accumulator's passes and each step's staging and barrier cost more than the two
+// products they save where a query attends few keys, and narrow key tiles have twice the steps.
 bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile);
+
+// The tiling a TileWork's key lists were built for.
+inline KeyTiling KeyTilingOf(const TileWork& w) {
+  if (w.k_halves != nullptr) return KeyTiling::kPaired;
+  return w.key_tile == kNarrowKeyTile ? KeyTiling::kNarrow : KeyTiling::kWide;
+}
 
 // Whether the GPU kernels take this problem; *why gets the reason when they do not.
 bool Supported(const SparseAttentionParams& p, const char** why);

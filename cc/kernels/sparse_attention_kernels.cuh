@@ -8,9 +8,10 @@
 //            time, double-buffered; online softmax in the log2 domain; writes out and lse.
 //   dq       one CTA per 64 query rows, 4 warps; recomputes P from lse, dP = dO V^T,
 //            dS = P (dP - delta); computes delta itself and leaves it for dk, dv.
-//   dk, dv   one CTA per 64 key rows (32 where the host finds that narrower tiles skip enough
-//            masked products) walking the transposed work list; computes S^T and dP^T so
-//            that P^T and dS^T come out of the accumulators already in the A-operand layout.
+//   dk, dv   one CTA per 64 key rows walking the transposed work list: 64 contiguous keys, or
+//            two halves of 32 that the host paired because the same queries attend them, or
+//            32 contiguous keys (see KeyTiling); computes S^T and dP^T so that P^T and dS^T
+//            come out of the accumulators already in the A-operand layout.
 // Deterministic by default: every output element is owned by one thread of one CTA. Where the
 // host passes a float32 dq accumulator (TileWork::dq_accum), the dk/dv kernel also computes
 // dS K, stages each step's products in shared memory and adds them to the accumulator with one
@@ -707,12 +708,12 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
 // ---------------------------------------------------------------------------------------------
 // Tensor-core dk, dv.
 
-// kKeys key rows per CTA (kTile, or kNarrowKeyTile when kNarrow), one warp per 16 of them. (A
-// bool rather than the row count: nvcc's host stubs could not tell MmaDkvKernel<E, 32, 32>
-// apart.)
-template <int D, bool kNarrow>
+// kKeys key rows per CTA (kNarrowKeyTile for narrow tiles, else kTile), one warp per 16 of them.
+// (The tiling rather than the row count: nvcc's host stubs could not tell MmaDkvKernel<E, 32,
+// 32> apart.)
+template <int D, KeyTiling kTiling>
 struct DkvConfig {
-  static constexpr int kKeys = kNarrow ? kNarrowKeyTile : kTile;
+  static constexpr int kKeys = kTiling == KeyTiling::kNarrow ? kNarrowKeyTile : kTile;
   static constexpr int kS = D + 8;
   static constexpr int kThreads = 2 * kKeys;
   // Queries per step: 64 at D <= 64; 32 at D = 128 keeps the four accumulators (S, dP, dK, dV)
@@ -795,12 +796,12 @@ constexpr bool BulkReductions() {
 // to `stage` (the step's 16-query chunks, each contiguous in DqAccumIndex order), which the
 // caller then adds to w.dq_accum with one bulk reduction per chunk; before sm_90 each thread
 // adds its values with atomics.
-template <ElementType E, int D, bool kNarrow>
+template <ElementType E, int D, KeyTiling kTiling>
 __device__ __forceinline__ void FusedDqStep(const TileWork& w, const typename Elem<E>::T* sdS,
                                             const typename Elem<E>::T* sK, float* stage,
                                             const int32_t* ent, int e, int e1, int64_t accum_bh,
                                             int warp, int lane) {
-  using Cfg = DkvConfig<D, kNarrow>;
+  using Cfg = DkvConfig<D, kTiling>;
   constexpr int S = Cfg::kS, SD = Cfg::kSdS, KT = Cfg::kKeys, DC = Cfg::kDqCols;
   constexpr int kColBlocks = D / DC, kPieces = Cfg::kQueries / 16 * kColBlocks;
 #pragma unroll 1
@@ -843,10 +844,10 @@ __device__ __forceinline__ void FusedDqStep(const TileWork& w, const typename El
 }
 
 // kFusedDq: also adds dS K into w.dq_accum (see the top of this file).
-template <ElementType E, int D, bool kNarrow, bool kFusedDq>
-__global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
+template <ElementType E, int D, KeyTiling kTiling, bool kFusedDq>
+__global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads)
     MmaDkvKernel(const SparseAttentionParams p, const TileWork w) {
-  using Cfg = DkvConfig<D, kNarrow>;
+  using Cfg = DkvConfig<D, kTiling>;
   using T = typename Elem<E>::T;
   constexpr int S = Cfg::kS, QN = Cfg::kQueries, NT = QN / 8, NC = QN / 16;
   constexpr int KT = Cfg::kKeys, TH = Cfg::kThreads, SD = Cfg::kSdS;
@@ -860,14 +861,16 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
   T* sdS = reinterpret_cast<T*>(sDelta + 2 * QN);  // only when kFusedDq
   float* sDq = reinterpret_cast<float*>(sdS + KT * SD);  // only when kFusedDq
 
-  // Narrow tiles (sparse columns, e.g. the fixed pattern's summaries) go tile-major over (batch,
-  // head), so that the heaviest tiles of every head start in the first waves instead of those
-  // of the last head starting last and running alone. Wide tiles (dense-like layouts) go
-  // head-major, so that the CTAs in flight share one head's Q and dO in L2: tile-major was 5%
-  // slower there (every head's Q and dO, 64 MB at T=16384 and 16 heads, exceed the 50 MB L2).
+  // Narrow and paired tiles (sparse columns, e.g. the fixed pattern's summaries) go tile-major
+  // over (batch, head), so that the heaviest tiles of every head start in the first waves
+  // instead of those of the last head starting last and running alone. Wide tiles (dense-like
+  // layouts) go head-major, so that the CTAs in flight share one head's Q and dO in L2:
+  // tile-major was 5% slower there (every head's Q and dO, 64 MB at T=16384 and 16 heads,
+  // exceed the 50 MB L2).
+  constexpr bool kTileMajor = kTiling != KeyTiling::kWide;
   const int bhs = p.batch * p.heads, tiles = (p.kv_len + KT - 1) / KT;
-  const int tile = kNarrow ? blockIdx.x / bhs : blockIdx.x % tiles;
-  const int bh = kNarrow ? blockIdx.x % bhs : blockIdx.x / tiles;
+  const int tile = kTileMajor ? blockIdx.x / bhs : blockIdx.x % tiles;
+  const int bh = kTileMajor ? blockIdx.x % bhs : blockIdx.x / tiles;
   const int b = bh / p.heads, h = bh % p.heads;
   const int lh = p.layout_head(h);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -905,19 +908,43 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
     }
   };
 
-  LoadRows<T, D, S, KT, TH>(sK, kp, stride, k0, p.kv_len);
-  LoadRows<T, D, S, KT, TH>(sV, vp, stride, k0, p.kv_len);
+  // The warp's key rows (-1 in an empty half) and their layout rows relative to the tile's (or
+  // half's) first, as the entries' info counts them.
+  int row_j[2], sub[2];
+  if constexpr (kTiling == KeyTiling::kPaired) {
+    constexpr int kHalf = kNarrowKeyTile;
+    const int32_t* halves = w.k_halves + 2 * (static_cast<int64_t>(lh) * tiles + tile);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int first = halves[h];
+      const int len = first < 0 ? 0 : p.kv_len;
+      LoadRows<T, D, S, kHalf, TH>(sK + h * kHalf * S, kp, stride, max(first, 0), len);
+      LoadRows<T, D, S, kHalf, TH>(sV + h * kHalf * S, vp, stride, max(first, 0), len);
+    }
+    const int half = warp / (kHalf / 16), first = halves[half];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_j[r] = first < 0 ? -1 : first + (warp % (kHalf / 16)) * 16 + g + 8 * r;
+      sub[r] = kHalfSubs * half + (first < 0 ? 0 : row_j[r] / p.block_size - first / p.block_size);
+    }
+  } else {
+    LoadRows<T, D, S, KT, TH>(sK, kp, stride, k0, p.kv_len);
+    LoadRows<T, D, S, KT, TH>(sV, vp, stride, k0, p.kv_len);
+    const int sub0 = k0 / p.block_size;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_j[r] = k0 + warp * 16 + g + 8 * r;
+      sub[r] = row_j[r] / p.block_size - sub0;
+    }
+  }
   if (ngroups > 0) load_group(0, 0);
   CpAsyncCommit();
 
-  const int row_j[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
-  const int sub0 = k0 / p.block_size;
-  const int sub[2] = {row_j[0] / p.block_size - sub0, row_j[1] / p.block_size - sub0};
   float bias2[2] = {0.f, 0.f};
   if (p.key_bias != nullptr) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (row_j[r] < p.kv_len)
+      if (row_j[r] >= 0 && row_j[r] < p.kv_len)
         bias2[r] = p.key_bias[static_cast<int64_t>(b) * p.kv_len + row_j[r]] * kLog2e;
     }
   }
@@ -1014,7 +1041,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
     float* stage = sDq + buf * Cfg::kDqStageFloats;
     if constexpr (kFusedDq) {
       __syncthreads();
-      FusedDqStep<E, D, kNarrow>(w, sdS, sK, stage, ent, e, e1, accum_bh, warp, lane);
+      FusedDqStep<E, D, kTiling>(w, sdS, sK, stage, ent, e, e1, accum_bh, warp, lane);
       if constexpr (BulkReductions()) FenceSharedForBulk();
     }
     __syncthreads();
@@ -1040,7 +1067,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kNarrow>::kThreads)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int j = row_j[r];
-    if (j >= p.kv_len) continue;
+    if (j < 0 || j >= p.kv_len) continue;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       *reinterpret_cast<uint32_t*>(dkp + j * stride + n * 8 + 2 * t4) =
@@ -1092,14 +1119,19 @@ const char* LaunchDkv(const SparseAttentionParams& p, const TileWork& w, void* s
   using T = typename Elem<E>::T;
   dim3 grid;
   if (const char* err = FlatGrid(KeyTiles(p, w), p, &grid)) return err;
-  if (w.key_tile == kNarrowKeyTile) {
-    using Cfg = DkvConfig<D, true>;
-    return Launch(MmaDkvKernel<E, D, true, kFusedDq>, grid, Cfg::SmemBytes(sizeof(T), kFusedDq),
-                  stream, p, w, Cfg::kThreads);
+  auto launch = [&](auto tiling) {
+    using Cfg = DkvConfig<D, decltype(tiling)::value>;
+    return Launch(MmaDkvKernel<E, D, decltype(tiling)::value, kFusedDq>, grid,
+                  Cfg::SmemBytes(sizeof(T), kFusedDq), stream, p, w, Cfg::kThreads);
+  };
+  switch (KeyTilingOf(w)) {
+    case KeyTiling::kNarrow:
+      return launch(std::integral_constant<KeyTiling, KeyTiling::kNarrow>());
+    case KeyTiling::kPaired:
+      return launch(std::integral_constant<KeyTiling, KeyTiling::kPaired>());
+    default:
+      return launch(std::integral_constant<KeyTiling, KeyTiling::kWide>());
   }
-  using Cfg = DkvConfig<D, false>;
-  return Launch(MmaDkvKernel<E, D, false, kFusedDq>, grid, Cfg::SmemBytes(sizeof(T), kFusedDq),
-                stream, p, w, Cfg::kThreads);
 }
 
 template <ElementType E, int D>

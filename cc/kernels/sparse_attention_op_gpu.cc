@@ -44,7 +44,8 @@ Status KernelError(const char* what, const char* message) {
   return ::tensorflow::errors::Internal(what, ": ", message);
 }
 
-// Device copies of work lists: offsets followed by entries, one int32 tensor. Keyed by
+// Device copies of work lists: offsets, entries and (paired key tiles) the halves' first keys,
+// one int32 tensor. Keyed by
 // everything the lists depend on. A hit compares the layout in place against the stored copy
 // (memcmp, no allocation, no key built per call) and costs no transfer or stream
 // synchronisation; the most recent entry is tried first, so a training step that alternates
@@ -52,8 +53,9 @@ Status KernelError(const char* what, const char* message) {
 class WorkCache {
  public:
   struct Lists {
-    Tensor device;  // int32 [offsets..., entries...]
+    Tensor device;  // int32 [offsets..., entries..., halves...]
     int64_t entries_at = 0;
+    int64_t halves_at = -1;  // where the halves start; -1 when the tiles are not paired
     int tile_rows = gpu::kTile;
   };
 
@@ -90,9 +92,12 @@ class WorkCache {
         return ::tensorflow::OkStatus();
       }
     }
-    std::vector<int32_t> offsets, entries;
-    const int tile_rows = gpu::BuildWorkLists(p, kind, &offsets, &entries);
-    const int64_t total = static_cast<int64_t>(offsets.size()) + entries.size();
+    const gpu::HostWorkLists built = gpu::BuildWorkLists(p, kind);
+    const std::vector<int32_t>& offsets = built.offsets;
+    const std::vector<int32_t>& entries = built.entries;
+    const std::vector<int32_t>& halves = built.halves;
+    const int64_t total =
+        static_cast<int64_t>(offsets.size()) + entries.size() + halves.size();
     if (total >= (int64_t{1} << 31)) {
       return ::tensorflow::errors::InvalidArgument("block layout too large for the GPU kernels");
     }
@@ -105,7 +110,10 @@ class WorkCache {
     TF_RETURN_IF_ERROR(ctx->allocate_temp(::tensorflow::DT_INT32,
                                           ::tensorflow::TensorShape({total}), &made.lists.device));
     made.lists.entries_at = static_cast<int64_t>(offsets.size());
-    made.lists.tile_rows = tile_rows;
+    if (built.key_tiling == gpu::KeyTiling::kPaired) {
+      made.lists.halves_at = made.lists.entries_at + static_cast<int64_t>(entries.size());
+    }
+    made.lists.tile_rows = built.tile_rows;
     int32_t* dst = made.lists.device.flat<int32_t>().data();
     void* stream = RawStream(ctx);
     if (const char* err = gpu::CopyToDevice(dst, offsets.data(), offsets.size() * 4, stream))
@@ -113,6 +121,11 @@ class WorkCache {
     if (const char* err =
             gpu::CopyToDevice(dst + offsets.size(), entries.data(), entries.size() * 4, stream))
       return KernelError("copying the block layout", err);
+    if (!halves.empty()) {
+      if (const char* err = gpu::CopyToDevice(dst + offsets.size() + entries.size(),
+                                              halves.data(), halves.size() * 4, stream))
+        return KernelError("copying the block layout", err);
+    }
     *lists = made.lists;
     std::lock_guard<std::mutex> lock(mu_);
     items_.push_front(std::move(made));
@@ -222,6 +235,7 @@ struct SparseAttentionRunner<GPUDevice> {
     w.q_entries = qb + q.entries_at;
     w.k_offsets = kb;
     w.k_entries = kb + k.entries_at;
+    if (k.halves_at >= 0) w.k_halves = kb + k.halves_at;
     w.key_tile = k.tile_rows;
     w.delta = delta.flat<float>().data();
     bool atomic = false;

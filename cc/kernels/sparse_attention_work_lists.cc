@@ -1,6 +1,7 @@
 // The kernels' work lists built from a block layout on the host (see sparse_attention_gpu.h).
 // Framework-free: the op's device cache and the kernel timing tool in bench/ both use it.
 #include <algorithm>
+#include <climits>
 #include <utility>
 #include <vector>
 
@@ -74,32 +75,133 @@ void BuildTileWork(const SparseAttentionParams& p, ListKind kind, int tile_rows,
   }
 }
 
+// Chunks in the union of two tiles' sorted lists.
+int UnionSize(const int32_t* a, int na, const int32_t* b, int nb) {
+  int i = 0, j = 0, n = 0;
+  while (i < na || j < nb) {
+    const int ca = i < na ? a[2 * i] : INT32_MAX, cb = j < nb ? b[2 * j] : INT32_MAX;
+    i += ca <= cb;
+    j += cb <= ca;
+    ++n;
+  }
+  return n;
+}
+
+// Pairs the narrow tiles of `narrow` (kNarrowKeyTile keys each) into tiles of kTile keys: per
+// layout head, the tiles in order of falling entry count each take, among the next few still
+// unpaired, the one whose union with it is smallest (for the fixed pattern's summary columns,
+// the neighbouring stride's). A pair's entries are the union of both lists, with the layout-row
+// bits of the second half moved up by kHalfSubs. Pairs come heaviest first, so that the
+// kernels' tile-major grid starts them first.
+HostWorkLists PairNarrowTiles(const SparseAttentionParams& p, const HostWorkLists& narrow) {
+  constexpr int kCandidates = 8;
+  const int ntiles = (p.kv_len + kNarrowKeyTile - 1) / kNarrowKeyTile;
+  const int npairs = (ntiles + 1) / 2;
+  const int32_t* ent = narrow.entries.data();
+  HostWorkLists out;
+  out.tile_rows = kTile;
+  out.key_tiling = KeyTiling::kPaired;
+  out.offsets.assign(static_cast<size_t>(p.layout_heads) * npairs + 1, 0);
+  out.halves.reserve(static_cast<size_t>(p.layout_heads) * npairs * 2);
+  std::vector<int> order(ntiles);
+  std::vector<char> used(ntiles);
+  for (int lh = 0; lh < p.layout_heads; ++lh) {
+    const int32_t* off = narrow.offsets.data() + static_cast<size_t>(lh) * ntiles;
+    auto count = [&](int t) { return off[t + 1] - off[t]; };
+    for (int t = 0; t < ntiles; ++t) order[t] = t;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return count(a) > count(b); });
+    std::fill(used.begin(), used.end(), 0);
+    int pair = 0;
+    for (int k = 0; k < ntiles; ++k) {
+      const int a = order[k];
+      if (used[a]) continue;
+      used[a] = 1;
+      int best = -1, best_size = INT32_MAX;
+      for (int m = k + 1, seen = 0; m < ntiles && seen < kCandidates; ++m) {
+        const int c = order[m];
+        if (used[c]) continue;
+        ++seen;
+        const int size = UnionSize(ent + 2 * off[a], count(a), ent + 2 * off[c], count(c));
+        if (size < best_size) best = c, best_size = size;
+      }
+      if (best >= 0) used[best] = 1;
+      const int half_tile[2] = {a, best};
+      // Layout rows of each half (relative to its first); an empty half has none, so that every
+      // entry is partial and its rows stay masked.
+      int32_t full = 0;
+      for (int h = 0; h < 2; ++h) {
+        const int t = half_tile[h];
+        out.halves.push_back(t < 0 ? -1 : t * kNarrowKeyTile);
+        const int first = t < 0 ? 0 : t * kNarrowKeyTile;
+        const int last = t < 0 ? 0 : std::min(first + kNarrowKeyTile, p.kv_len) - 1;
+        const int rows = t < 0 ? 1 : last / p.block_size - first / p.block_size + 1;
+        full |= ((1 << rows) - 1) << (kHalfSubs * h);
+      }
+      // Merge the two sorted lists, moving the second half's row and window bits.
+      int i = off[a], i1 = off[a + 1];
+      int j = best >= 0 ? off[best] : 0, j1 = best >= 0 ? off[best + 1] : 0;
+      while (i < i1 || j < j1) {
+        const int ca = i < i1 ? ent[2 * i] : INT32_MAX, cb = j < j1 ? ent[2 * j] : INT32_MAX;
+        int32_t info = 0;
+        if (ca <= cb) info |= ent[2 * i++ + 1];
+        if (cb <= ca) {
+          const int32_t other = ent[2 * j++ + 1];
+          info |= (other & kInfoPartial) | ((other & 0xff) << kHalfSubs) |
+                  ((other & (0xff << kInfoWindowShift)) << kHalfSubs);
+        }
+        if ((info & full) != full) info |= kInfoPartial;
+        out.entries.push_back(std::min(ca, cb));
+        out.entries.push_back(info);
+      }
+      out.offsets[static_cast<size_t>(lh) * npairs + pair + 1] =
+          static_cast<int32_t>(out.entries.size() / 2);
+      ++pair;
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
-int BuildWorkLists(const SparseAttentionParams& p, ListKind kind, std::vector<int32_t>* offsets,
-                   std::vector<int32_t>* entries) {
-  const bool transposed = kind == ListKind::kKey;
-  BuildTileWork(p, kind, kTile, offsets, entries);
-  if (kind == ListKind::kDq || !HasMma(p)) return kTile;
-  // Products are chunks x tile rows. A taller forward tile reuses each gathered key chunk for
-  // twice the queries, worth up to a tenth more products; a narrower key tile reuses each query
-  // chunk for half the keys, so it has to save a fifth of them.
-  const int other = transposed ? kNarrowKeyTile : kFwdTile;
-  const double limit = transposed ? 0.8 : 1.1;
-  std::vector<int32_t> other_offsets, other_entries;
-  BuildTileWork(p, kind, other, &other_offsets, &other_entries);
-  const double base = static_cast<double>(entries->size()) * kTile;
-  if (static_cast<double>(other_entries.size()) * other > limit * base) return kTile;
-  offsets->swap(other_offsets);
-  entries->swap(other_entries);
-  return other;
+HostWorkLists BuildWorkLists(const SparseAttentionParams& p, ListKind kind) {
+  HostWorkLists lists;
+  BuildTileWork(p, kind, kTile, &lists.offsets, &lists.entries);
+  if (kind == ListKind::kDq || !HasMma(p)) return lists;
+  // Products are entries x tile rows. A taller forward tile reuses each gathered key chunk for
+  // twice the queries, worth up to a tenth more products.
+  if (kind == ListKind::kForward) {
+    HostWorkLists tall;
+    tall.tile_rows = kFwdTile;
+    BuildTileWork(p, kind, kFwdTile, &tall.offsets, &tall.entries);
+    if (static_cast<double>(tall.entries.size()) * kFwdTile <=
+        1.1 * static_cast<double>(lists.entries.size()) * kTile) {
+      return tall;
+    }
+    return lists;
+  }
+  // Key tiles: a narrow tile reuses each query chunk for half the keys, so it has to save a
+  // fifth of the products to win; paired narrow tiles run like wide ones.
+  HostWorkLists narrow;
+  narrow.tile_rows = kNarrowKeyTile;
+  narrow.key_tiling = KeyTiling::kNarrow;
+  BuildTileWork(p, kind, kNarrowKeyTile, &narrow.offsets, &narrow.entries);
+  const double wide_cost = static_cast<double>(lists.entries.size()) * kTile;
+  const double narrow_products = static_cast<double>(narrow.entries.size()) * kNarrowKeyTile;
+  if (narrow_products >= wide_cost) return lists;  // dense-like: nothing to skip
+  HostWorkLists paired = PairNarrowTiles(p, narrow);
+  const double paired_cost = static_cast<double>(paired.entries.size()) * kTile;
+  const double narrow_cost = narrow_products / 0.8;
+  if (wide_cost <= paired_cost && wide_cost <= narrow_cost) return lists;
+  return paired_cost <= narrow_cost ? paired : narrow;
 }
 
 bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile) {
   if (!HasMma(p) || key_tile != kTile || p.q_len == 0) return false;
-  // Keys a query attends on average, counting whole blocks. Dense causal at T = 4096 (2080)
-  // gained 10%; the sparse layouts measured (80 to 576 keys) all lost.
-  constexpr double kMinKeysPerQuery = 2048;
+  // Keys a query attends on average, counting whole blocks. Measured (H200, d = 64, fwd+bwd):
+  // dense causal at T = 4096 (2080 keys) gained 10%, fixed on paired key tiles at T = 16384
+  // (2112) 12%, at T = 4096 (576) 1%; local (191) lost 6%, strided (80) 20%.
+  constexpr double kMinKeysPerQuery = 512;
   const double keys = static_cast<double>(p.nnz) * p.block_size /
                       (static_cast<double>(p.layout_heads) * p.num_q_blocks);
   return keys >= kMinKeysPerQuery;

@@ -1,0 +1,97 @@
+"""The GPU kernels' work lists, checked on the host: tests/work_lists_check.cc builds them with
+the op's own code (cc/kernels/sparse_attention_work_lists.cc) for a layout and expands them back
+into the (query, key) pairs the kernels compute, which must be exactly the pairs the layout
+allows, each once. Runs without a GPU, so the tilings the GPU picks (tall forward tiles, narrow
+and paired key tiles) are checked on every machine."""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from tf_sparse_attn.layouts import BlockLayout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checker(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.fail("no C++ compiler: the op library could not have been built either")
+    binary = str(tmp_path_factory.mktemp("work_lists") / "work_lists_check")
+    subprocess.run([compiler, "-O2", "-std=c++17", f"-I{ROOT}",
+                    os.path.join(ROOT, "tests", "work_lists_check.cc"),
+                    os.path.join(ROOT, "cc", "kernels", "sparse_attention_work_lists.cc"),
+                    "-o", binary], check=True)
+    return binary
+
+
+def run_check(checker, tmp_path, layout, head_dim=64):
+    ints = [layout.block_size, layout.seq_len, layout.window, layout.min_distance,
+            len(layout.row_offsets), len(layout.col_indices), layout.row_offsets,
+            layout.col_indices, layout.block_flags, layout.col_offsets, layout.row_indices,
+            layout.csc_flags]
+    path = tmp_path / "layout.bin"
+    np.concatenate([np.atleast_1d(x) for x in ints]).astype(np.int32).tofile(path)
+    result = subprocess.run([checker, str(path), str(int(layout.causal)), str(head_dim)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    return {kind: dict(kv.split("=") for kv in rest.split()) for kind, rest in lines.items()}
+
+
+LAYOUTS = {
+    "dense": lambda bs, causal: BlockLayout.dense(1024, bs, causal=causal),
+    "local": lambda bs, causal: BlockLayout.local(1024, bs, window=96, causal=causal),
+    "strided": lambda bs, causal: BlockLayout.strided(2048, bs, stride=32, causal=causal,
+                                                      exclude_window=64),
+    "fixed": lambda bs, causal: BlockLayout.fixed(1024, bs, stride=128, summary=max(bs, 32),
+                                                  causal=causal),
+    "fixed_split_heads": lambda bs, causal: BlockLayout.fixed(
+        1024, bs, stride=128, summary=max(bs, 32), causal=causal, num_heads=4,
+        num_summary_groups=2),
+}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("pattern", sorted(LAYOUTS))
+def test_lists_cover_the_layout_exactly(checker, tmp_path, pattern, block_size, causal):
+    layout = LAYOUTS[pattern](block_size, causal)
+    lists = run_check(checker, tmp_path, layout)
+    assert set(lists) == {"dq", "forward", "key"}
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_fixed_summary_columns_take_paired_key_tiles(checker, tmp_path, block_size):
+    # The summary columns (the last 32 keys of each 128-stride) are attended by every later
+    # query: 64 contiguous keys would mask half their products, 32 double the steps.
+    layout = BlockLayout.fixed(4096, block_size, stride=128, summary=32)
+    lists = run_check(checker, tmp_path, layout)
+    assert lists["key"]["tiling"] == "paired"
+    assert lists["key"]["tile_rows"] == "64"
+
+
+def test_dense_keeps_wide_key_tiles(checker, tmp_path):
+    lists = run_check(checker, tmp_path, BlockLayout.dense(2048, 64))
+    assert lists["key"]["tiling"] == "wide"
+
+
+def test_a_corrupted_list_is_caught(checker, tmp_path):
+    # The checker itself must fail on a wrong layout file: drop one block of the CSC.
+    layout = BlockLayout.fixed(1024, 32, stride=128, summary=32)
+    ints = [layout.block_size, layout.seq_len, layout.window, layout.min_distance,
+            len(layout.row_offsets), len(layout.col_indices), layout.row_offsets,
+            layout.col_indices, layout.block_flags, layout.col_offsets, layout.row_indices,
+            layout.csc_flags]
+    arrays = [np.atleast_1d(np.array(x, dtype=np.int64)) for x in ints]
+    arrays[10] = arrays[10].copy()
+    arrays[10][5] = (arrays[10][5] + 3) % (1024 // 32)  # a CSC block moved to another row
+    path = tmp_path / "layout.bin"
+    np.concatenate(arrays).astype(np.int32).tofile(path)
+    result = subprocess.run([checker, str(path), "1", "64"], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 1 and "MISMATCH" in result.stdout
