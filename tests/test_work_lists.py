@@ -43,6 +43,8 @@ def run_check(checker, tmp_path, layout, head_dim=64):
     return {kind: dict(kv.split("=") for kv in rest.split()) for kind, rest in lines.items()}
 
 
+KINDS = {"dq", "forward", "key", "key_wide", "key_narrow", "key_paired"}
+
 LAYOUTS = {
     "dense": lambda bs, causal: BlockLayout.dense(1024, bs, causal=causal),
     "local": lambda bs, causal: BlockLayout.local(1024, bs, window=96, causal=causal),
@@ -62,7 +64,7 @@ LAYOUTS = {
 def test_lists_cover_the_layout_exactly(checker, tmp_path, pattern, block_size, causal):
     layout = LAYOUTS[pattern](block_size, causal)
     lists = run_check(checker, tmp_path, layout)
-    assert set(lists) == {"dq", "forward", "key"}
+    assert set(lists) == KINDS
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -95,3 +97,28 @@ def test_a_corrupted_list_is_caught(checker, tmp_path):
     result = subprocess.run([checker, str(path), "1", "64"], capture_output=True, text=True,
                             check=False)
     assert result.returncode == 1 and "MISMATCH" in result.stdout
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_layouts(checker, tmp_path, seed):
+    # Irregular layouts, per-head, some blocks windowed, every query block attending a few
+    # random key columns: the lists of every tiling (the one picked and each key tiling
+    # forced) must still hold exactly the layout's pairs.
+    rng = np.random.default_rng(seed)
+    block_size = int(rng.choice([16, 32, 64]))
+    num_blocks, num_heads = 2048 // block_size, int(rng.integers(1, 4))
+    heads, rows, cols = [], [], []
+    for h in range(num_heads):
+        columns = rng.choice(num_blocks, size=max(2, num_blocks // 8), replace=False)
+        for r in range(num_blocks):
+            picked = np.concatenate([columns, [r], rng.integers(0, num_blocks, 3)])
+            heads += [h] * len(picked)
+            rows += [r] * len(picked)
+            cols += list(picked)
+    flags = rng.integers(0, 2, len(rows))
+    layout = BlockLayout.from_blocks(heads, rows, cols, flags, block_size=block_size,
+                                     num_blocks=num_blocks, num_heads=num_heads,
+                                     causal=bool(seed % 2), window=int(rng.integers(0, 200)),
+                                     min_distance=int(rng.integers(0, 20)))
+    lists = run_check(checker, tmp_path, layout)
+    assert set(lists) == KINDS

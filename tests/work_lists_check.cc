@@ -62,11 +62,25 @@ int main(int argc, char** argv) {
     }
   }
 
-  const char* names[] = {"dq", "forward", "key"};
+  // The lists the op would build, then every key tiling forced.
+  struct Variant {
+    const char* name;
+    HostWorkLists lists;
+    bool transposed;
+  };
+  const Variant variants[] = {
+      {"dq", BuildWorkLists(p, ListKind::kDq), false},
+      {"forward", BuildWorkLists(p, ListKind::kForward), false},
+      {"key", BuildWorkLists(p, ListKind::kKey), true},
+      {"key_wide", BuildKeyLists(p, KeyTiling::kWide), true},
+      {"key_narrow", BuildKeyLists(p, KeyTiling::kNarrow), true},
+      {"key_paired", BuildKeyLists(p, KeyTiling::kPaired), true},
+  };
   const char* tilings[] = {"wide", "narrow", "paired"};
-  for (ListKind kind : {ListKind::kDq, ListKind::kForward, ListKind::kKey}) {
-    const bool transposed = kind == ListKind::kKey;
-    const HostWorkLists lists = BuildWorkLists(p, kind);
+  for (const Variant& variant : variants) {
+    const char* name = variant.name;
+    const bool transposed = variant.transposed;
+    const HostWorkLists& lists = variant.lists;
     const int rows = lists.tile_rows;
     const int tiles = (T + rows - 1) / rows;
     if (lists.offsets.size() != static_cast<size_t>(p.layout_heads) * tiles + 1) {
@@ -101,10 +115,10 @@ int main(int argc, char** argv) {
               const size_t at = lh * plane + static_cast<size_t>(i) * T + j;
               const bool allowed = expected[at] != 0;
               if (!(info & kInfoPartial)) {
-                if (!allowed) return Fail(names[static_cast<int>(kind)], lh, i, j);
+                if (!allowed) return Fail(name, lh, i, j);
                 seen[at]++;
               } else if (Allowed(p, info, pos.second, i, j)) {
-                if (!allowed) return Fail(names[static_cast<int>(kind)], lh, i, j);
+                if (!allowed) return Fail(name, lh, i, j);
                 seen[at]++;
               }
             }
@@ -118,7 +132,7 @@ int main(int argc, char** argv) {
         return Fail(seen[at] ? "computed twice" : "missing", lh, i, static_cast<int>(at % T));
       }
     }
-    std::printf("%s tile_rows=%d tiling=%s entries=%zu\n", names[static_cast<int>(kind)], rows,
+    std::printf("%s tile_rows=%d tiling=%s entries=%zu\n", name, rows,
                 tilings[static_cast<int>(lists.key_tiling)], lists.entries.size() / 2);
   }
   std::printf("OK\n");

@@ -4,13 +4,16 @@
 // build. Prints checksums of the outputs, so that two builds of the kernels can be compared on
 // the same inputs.
 //
-//   kernel_timing LAYOUT.bin HEAD_DIM LABEL
+//   kernel_timing LAYOUT.bin HEAD_DIM LABEL [wide|narrow|paired]
+//
+// The optional last argument forces dk/dv's key tiling instead of the one the op would pick.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "bench/kernel_timing/layout_file.h"
@@ -70,7 +73,7 @@ const char* LaunchDq(const SparseAttentionParams& p, const TileWork& w) {
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::printf("usage: %s LAYOUT.bin HEAD_DIM LABEL\n", argv[0]);
+    std::printf("usage: %s LAYOUT.bin HEAD_DIM LABEL [wide|narrow|paired]\n", argv[0]);
     return 2;
   }
   const std::vector<int32_t> all = ReadLayoutFile(argv[1]);
@@ -87,7 +90,17 @@ int main(int argc, char** argv) {
 
   const HostWorkLists fwd_lists = BuildWorkLists(p, ListKind::kForward);
   const HostWorkLists dq_lists = BuildWorkLists(p, ListKind::kDq);
-  const HostWorkLists key_lists = BuildWorkLists(p, ListKind::kKey);
+  const char* key_tiling_name[] = {"wide", "narrow", "paired"};
+  HostWorkLists key_lists = BuildWorkLists(p, ListKind::kKey);
+  if (argc > 4) {
+    int forced = 0;
+    while (forced < 3 && std::strcmp(argv[4], key_tiling_name[forced]) != 0) ++forced;
+    if (forced == 3) {
+      std::printf("unknown key tiling %s: wide, narrow or paired\n", argv[4]);
+      return 2;
+    }
+    key_lists = BuildKeyLists(p, static_cast<KeyTiling>(forced));
+  }
   TileWork forward, backward;
   forward.query_tile = fwd_lists.tile_rows;
   forward.q_offsets = ToDevice(fwd_lists.offsets);
@@ -98,7 +111,6 @@ int main(int argc, char** argv) {
   backward.k_offsets = ToDevice(key_lists.offsets);
   backward.k_entries = ToDevice(key_lists.entries);
   if (!key_lists.halves.empty()) backward.k_halves = ToDevice(key_lists.halves);
-  const char* key_tiling_name[] = {"wide", "narrow", "paired"};
 
   const size_t n = size_t(2) * T * 8 * D;
   __nv_bfloat16 *q, *k, *v, *o, *d_out, *dq, *dk, *dv;

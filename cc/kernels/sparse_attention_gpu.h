@@ -3,10 +3,10 @@
 // (nullptr on success) so that the caller can turn it into its own status type.
 //
 // The kernels do not walk the block layout directly. A compute tile holds kTile query rows (or,
-// for dk/dv, TileWork::key_tile key rows) and may span several layout rows when the block size is smaller
-// than the tile, so the host first rewrites the layout as one work list per (layout head, tile):
-// the sorted union of the 16-token chunks that the tile's layout rows attend, each with the
-// layout rows (of the tile) that hold it. A kernel then gathers kChunk-row pieces of k/v (or
+// for dk/dv, TileWork::key_tile key rows) and may span several layout rows when the block size
+// is smaller than the tile, so the host first rewrites the layout as one work list per (layout
+// head, tile): the sorted union of the 16-token chunks that the tile's layout rows attend, each
+// with the layout rows (of the tile) that hold it. A kernel then gathers kChunk-row pieces of k/v (or
 // q/d_out) into shared memory, four or two at a time, and applies TokenAllowed only to the
 // gathered tiles whose entries say they are partial.
 #ifndef TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_GPU_H_
@@ -120,6 +120,8 @@ struct HostWorkLists {
 // Builds the lists of `kind` for the layout in p (host pointers). Where several tilings are
 // possible, the tensor-core kernels get the one the layout favours.
 HostWorkLists BuildWorkLists(const SparseAttentionParams& p, ListKind kind);
+// The dk/dv lists of the tensor-core kernels for a given tiling (BuildWorkLists picks one).
+HostWorkLists BuildKeyLists(const SparseAttentionParams& p, KeyTiling tiling);
 
 // Whether the backward pass is faster with dq summed in a float32 accumulator by the dk/dv
 // kernel (TileWork::dq_accum) for this problem and the key tile height its dk/dv lists were

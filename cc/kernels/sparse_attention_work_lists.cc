@@ -164,36 +164,46 @@ HostWorkLists PairNarrowTiles(const SparseAttentionParams& p, const HostWorkList
 
 }  // namespace
 
+HostWorkLists BuildKeyLists(const SparseAttentionParams& p, KeyTiling tiling) {
+  if (tiling == KeyTiling::kPaired) {
+    return PairNarrowTiles(p, BuildKeyLists(p, KeyTiling::kNarrow));
+  }
+  HostWorkLists lists;
+  lists.key_tiling = tiling;
+  lists.tile_rows = tiling == KeyTiling::kNarrow ? kNarrowKeyTile : kTile;
+  BuildTileWork(p, ListKind::kKey, lists.tile_rows, &lists.offsets, &lists.entries);
+  return lists;
+}
+
 HostWorkLists BuildWorkLists(const SparseAttentionParams& p, ListKind kind) {
+  if (kind == ListKind::kKey && HasMma(p)) {
+    // Products are entries x tile rows. A narrow tile reuses each query chunk for half the
+    // keys, so it has to save a fifth of the products to win; paired narrow tiles run like
+    // wide ones.
+    HostWorkLists wide = BuildKeyLists(p, KeyTiling::kWide);
+    HostWorkLists narrow = BuildKeyLists(p, KeyTiling::kNarrow);
+    const double wide_cost = static_cast<double>(wide.entries.size()) * kTile;
+    const double narrow_products = static_cast<double>(narrow.entries.size()) * kNarrowKeyTile;
+    if (narrow_products >= wide_cost) return wide;  // dense-like: nothing to skip
+    HostWorkLists paired = PairNarrowTiles(p, narrow);
+    const double paired_cost = static_cast<double>(paired.entries.size()) * kTile;
+    const double narrow_cost = narrow_products / 0.8;
+    if (wide_cost <= paired_cost && wide_cost <= narrow_cost) return wide;
+    return paired_cost <= narrow_cost ? paired : narrow;
+  }
   HostWorkLists lists;
   BuildTileWork(p, kind, kTile, &lists.offsets, &lists.entries);
-  if (kind == ListKind::kDq || !HasMma(p)) return lists;
-  // Products are entries x tile rows. A taller forward tile reuses each gathered key chunk for
-  // twice the queries, worth up to a tenth more products.
-  if (kind == ListKind::kForward) {
-    HostWorkLists tall;
-    tall.tile_rows = kFwdTile;
-    BuildTileWork(p, kind, kFwdTile, &tall.offsets, &tall.entries);
-    if (static_cast<double>(tall.entries.size()) * kFwdTile <=
-        1.1 * static_cast<double>(lists.entries.size()) * kTile) {
-      return tall;
-    }
-    return lists;
+  if (kind != ListKind::kForward || !HasMma(p)) return lists;
+  // A taller forward tile reuses each gathered key chunk for twice the queries, worth up to a
+  // tenth more products.
+  HostWorkLists tall;
+  tall.tile_rows = kFwdTile;
+  BuildTileWork(p, kind, kFwdTile, &tall.offsets, &tall.entries);
+  if (static_cast<double>(tall.entries.size()) * kFwdTile <=
+      1.1 * static_cast<double>(lists.entries.size()) * kTile) {
+    return tall;
   }
-  // Key tiles: a narrow tile reuses each query chunk for half the keys, so it has to save a
-  // fifth of the products to win; paired narrow tiles run like wide ones.
-  HostWorkLists narrow;
-  narrow.tile_rows = kNarrowKeyTile;
-  narrow.key_tiling = KeyTiling::kNarrow;
-  BuildTileWork(p, kind, kNarrowKeyTile, &narrow.offsets, &narrow.entries);
-  const double wide_cost = static_cast<double>(lists.entries.size()) * kTile;
-  const double narrow_products = static_cast<double>(narrow.entries.size()) * kNarrowKeyTile;
-  if (narrow_products >= wide_cost) return lists;  // dense-like: nothing to skip
-  HostWorkLists paired = PairNarrowTiles(p, narrow);
-  const double paired_cost = static_cast<double>(paired.entries.size()) * kTile;
-  const double narrow_cost = narrow_products / 0.8;
-  if (wide_cost <= paired_cost && wide_cost <= narrow_cost) return lists;
-  return paired_cost <= narrow_cost ? paired : narrow;
+  return lists;
 }
 
 bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile) {
