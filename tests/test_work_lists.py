@@ -7,6 +7,7 @@ and paired key tiles) are checked on every machine."""
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,10 @@ import pytest
 from tf_sparse_attn.layouts import BlockLayout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "bench", "kernel_timing"))
+
+import dump_layouts  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +34,9 @@ def checker(tmp_path_factory):
     return binary
 
 
-def run_check(checker, tmp_path, layout, head_dim=64):
-    ints = [layout.block_size, layout.seq_len, layout.window, layout.min_distance,
-            len(layout.row_offsets), len(layout.col_indices), layout.row_offsets,
-            layout.col_indices, layout.block_flags, layout.col_offsets, layout.row_indices,
-            layout.csc_flags]
+def run_check(checker, tmp_path, layout, head_dim=64, ints=None):
     path = tmp_path / "layout.bin"
-    np.concatenate([np.atleast_1d(x) for x in ints]).astype(np.int32).tofile(path)
+    (dump_layouts.layout_ints(layout) if ints is None else ints).tofile(path)
     result = subprocess.run([checker, str(path), str(int(layout.causal)), str(head_dim)],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -83,20 +84,14 @@ def test_dense_keeps_wide_key_tiles(checker, tmp_path):
 
 
 def test_a_corrupted_list_is_caught(checker, tmp_path):
-    # The checker itself must fail on a wrong layout file: drop one block of the CSC.
+    # The checker itself must fail on a wrong layout file: move one block of the CSC to
+    # another row, so that the transposed lists disagree with the CSR.
     layout = BlockLayout.fixed(1024, 32, stride=128, summary=32)
-    ints = [layout.block_size, layout.seq_len, layout.window, layout.min_distance,
-            len(layout.row_offsets), len(layout.col_indices), layout.row_offsets,
-            layout.col_indices, layout.block_flags, layout.col_offsets, layout.row_indices,
-            layout.csc_flags]
-    arrays = [np.atleast_1d(np.array(x, dtype=np.int64)) for x in ints]
-    arrays[10] = arrays[10].copy()
-    arrays[10][5] = (arrays[10][5] + 3) % (1024 // 32)  # a CSC block moved to another row
-    path = tmp_path / "layout.bin"
-    np.concatenate(arrays).astype(np.int32).tofile(path)
-    result = subprocess.run([checker, str(path), "1", "64"], capture_output=True, text=True,
-                            check=False)
-    assert result.returncode == 1 and "MISMATCH" in result.stdout
+    ints = dump_layouts.layout_ints(layout)
+    row_indices_at = 6 + 2 * len(layout.row_offsets) + 2 * len(layout.col_indices)
+    ints[row_indices_at + 5] = (ints[row_indices_at + 5] + 3) % (1024 // 32)
+    with pytest.raises(AssertionError, match="MISMATCH"):
+        run_check(checker, tmp_path, layout, ints=ints)
 
 
 @pytest.mark.parametrize("seed", range(6))

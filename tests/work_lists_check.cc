@@ -19,11 +19,6 @@ using namespace tf_sparse_attn::gpu;  // NOLINT
 
 namespace {
 
-bool Allowed(const SparseAttentionParams& p, int32_t info, int sub, int i, int j) {
-  if (!((info >> sub) & 1)) return false;
-  return TokenAllowed(p, i, j, (info >> (kInfoWindowShift + sub)) & 1);
-}
-
 int Fail(const char* what, int lh, int i, int j) {
   std::printf("MISMATCH %s: layout head %d query %d key %d\n", what, lh, i, j);
   return 1;
@@ -76,7 +71,6 @@ int main(int argc, char** argv) {
       {"key_narrow", BuildKeyLists(p, KeyTiling::kNarrow), true},
       {"key_paired", BuildKeyLists(p, KeyTiling::kPaired), true},
   };
-  const char* tilings[] = {"wide", "narrow", "paired"};
   for (const Variant& variant : variants) {
     const char* name = variant.name;
     const bool transposed = variant.transposed;
@@ -108,7 +102,7 @@ int main(int argc, char** argv) {
         for (int e = e0; e < e1; ++e) {
           const int c0 = lists.entries[2 * e];
           const int32_t info = lists.entries[2 * e + 1];
-          if (e > e0 && lists.entries[2 * e - 2] >= c0) return Fail("unsorted list", lh, t, c0);
+          if (e > e0 && lists.entries[2 * e - 2] >= c0) return Fail("unsorted list", lh, -1, c0);
           for (const auto& pos : positions) {
             for (int y = c0; y < c0 + kChunk && y < T; ++y) {
               const int i = transposed ? y : pos.first, j = transposed ? pos.first : y;
@@ -117,7 +111,7 @@ int main(int argc, char** argv) {
               if (!(info & kInfoPartial)) {
                 if (!allowed) return Fail(name, lh, i, j);
                 seen[at]++;
-              } else if (Allowed(p, info, pos.second, i, j)) {
+              } else if (EntryAllows(p, info, pos.second, i, j)) {
                 if (!allowed) return Fail(name, lh, i, j);
                 seen[at]++;
               }
@@ -133,7 +127,7 @@ int main(int argc, char** argv) {
       }
     }
     std::printf("%s tile_rows=%d tiling=%s entries=%zu\n", name, rows,
-                tilings[static_cast<int>(lists.key_tiling)], lists.entries.size() / 2);
+                KeyTilingName(lists.key_tiling), lists.entries.size() / 2);
   }
   std::printf("OK\n");
   return 0;

@@ -90,16 +90,18 @@ int main(int argc, char** argv) {
 
   const HostWorkLists fwd_lists = BuildWorkLists(p, ListKind::kForward);
   const HostWorkLists dq_lists = BuildWorkLists(p, ListKind::kDq);
-  const char* key_tiling_name[] = {"wide", "narrow", "paired"};
   HostWorkLists key_lists = BuildWorkLists(p, ListKind::kKey);
   if (argc > 4) {
-    int forced = 0;
-    while (forced < 3 && std::strcmp(argv[4], key_tiling_name[forced]) != 0) ++forced;
-    if (forced == 3) {
+    bool known = false;
+    for (KeyTiling tiling : {KeyTiling::kWide, KeyTiling::kNarrow, KeyTiling::kPaired}) {
+      if (std::strcmp(argv[4], KeyTilingName(tiling)) != 0) continue;
+      key_lists = BuildKeyLists(p, tiling);
+      known = true;
+    }
+    if (!known) {
       std::printf("unknown key tiling %s: wide, narrow or paired\n", argv[4]);
       return 2;
     }
-    key_lists = BuildKeyLists(p, static_cast<KeyTiling>(forced));
   }
   TileWork forward, backward;
   forward.query_tile = fwd_lists.tile_rows;
@@ -165,11 +167,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   CHECK_CUDA(cudaDeviceSynchronize());
-  std::printf("%-24s d=%3d T=%6d tiles q%d k%d %s | fwd %7.3f | bwd %7.3f (dq %7.3f dk/dv %7.3f) | "
-              "fwd+bwd %7.3f ms | dq accumulator: bwd %7.3f fwd+bwd %7.3f ms | sums out %.6e "
-              "dq %.6e dk %.6e dv %.6e | accumulator dq %.6e dk %.6e dv %.6e\n",
+  std::printf("%-24s d=%3d T=%6d tiles q%d k%d %s | fwd %7.3f | bwd %7.3f (dq %7.3f "
+              "dk/dv %7.3f) | fwd+bwd %7.3f ms | dq accumulator: bwd %7.3f fwd+bwd %7.3f ms | "
+              "sums out %.6e dq %.6e dk %.6e dv %.6e | accumulator dq %.6e dk %.6e dv %.6e\n",
               argv[3], D, T, forward.query_tile, backward.key_tile,
-              key_tiling_name[static_cast<int>(key_lists.key_tiling)], fwd, bwd, dq_only,
+              KeyTilingName(key_lists.key_tiling), fwd, bwd, dq_only,
               bwd - dq_only, fwd + bwd, bwd_fused, fwd + bwd_fused, AbsSum(o, n), dq_sum, dk_sum,
               dv_sum, AbsSum(dq, n), AbsSum(dk, n), AbsSum(dv, n));
   return 0;

@@ -6,9 +6,9 @@
 // for dk/dv, TileWork::key_tile key rows) and may span several layout rows when the block size
 // is smaller than the tile, so the host first rewrites the layout as one work list per (layout
 // head, tile): the sorted union of the 16-token chunks that the tile's layout rows attend, each
-// with the layout rows (of the tile) that hold it. A kernel then gathers kChunk-row pieces of k/v (or
-// q/d_out) into shared memory, four or two at a time, and applies TokenAllowed only to the
-// gathered tiles whose entries say they are partial.
+// with the layout rows (of the tile) that hold it. A kernel then gathers kChunk-row pieces of
+// k/v (or q/d_out) into shared memory, four or two at a time, and applies TokenAllowed only to
+// the gathered tiles whose entries say they are partial.
 #ifndef TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_GPU_H_
 #define TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_GPU_H_
 
@@ -36,6 +36,14 @@ constexpr int kChunk = 16;  // rows gathered as one piece; block sizes are multi
 constexpr int kInfoWindowShift = 8;
 constexpr int32_t kInfoPartial = 1 << 16;
 
+// Whether (query i, key j) is allowed given a work-list entry's info and the layout row `sub` of
+// the tile that the tile-side position belongs to: what the kernels apply to partial entries.
+TSA_HOST_DEVICE bool EntryAllows(const SparseAttentionParams& p, int32_t info, int sub, int i,
+                                 int j) {
+  if (!((info >> sub) & 1)) return false;
+  return TokenAllowed(p, i, j, (info >> (kInfoWindowShift + sub)) & 1);
+}
+
 // Key rows of a dk/dv tile: kTile, or kNarrowKeyTile where the layout's columns are attended by
 // sets of queries that differ inside a 64-key tile (the summary columns of a fixed pattern:
 // every later query attends keys 96..127 of a 128-stride and none attends keys 64..95), so that
@@ -48,6 +56,10 @@ constexpr int kNarrowKeyTile = 32;
 // neighbouring strides of a fixed pattern), so that a step serves 64 keys without the masked
 // products of a contiguous 64-key tile.
 enum class KeyTiling { kWide = 0, kNarrow = 1, kPaired = 2 };
+inline const char* KeyTilingName(KeyTiling tiling) {
+  if (tiling == KeyTiling::kPaired) return "paired";
+  return tiling == KeyTiling::kNarrow ? "narrow" : "wide";
+}
 // Layout rows a half of a paired tile may span (block size 16): in an entry's info, the rows of
 // the second half start at bit kHalfSubs.
 constexpr int kHalfSubs = 2;

@@ -182,14 +182,6 @@ __device__ __forceinline__ float WarpSum(float x) {
 // so that exp2(score - lse) is 0 there rather than NaN.
 __device__ __forceinline__ float Lse2(float lse) { return lse == -kInf ? kInf : lse * kLog2e; }
 
-// Whether (query i, key j) is allowed given a work-list entry and the layout row `sub` of the
-// tile that the tile-side position belongs to.
-__device__ __forceinline__ bool EntryAllows(const SparseAttentionParams& p, int32_t info, int sub,
-                                            int i, int j) {
-  if (!((info >> sub) & 1)) return false;
-  return TokenAllowed(p, i, j, (info >> (kInfoWindowShift + sub)) & 1);
-}
-
 // Copies `rows` (a multiple of 16) gathered rows of a [batch, len, heads, D] tensor into shared
 // memory with row stride S. Row r comes from token base[r / 16] + r % 16 of the chunk list;
 // chunks >= nvalid are zero-filled.

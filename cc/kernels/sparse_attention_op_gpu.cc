@@ -45,11 +45,10 @@ Status KernelError(const char* what, const char* message) {
 }
 
 // Device copies of work lists: offsets, entries and (paired key tiles) the halves' first keys,
-// one int32 tensor. Keyed by
-// everything the lists depend on. A hit compares the layout in place against the stored copy
-// (memcmp, no allocation, no key built per call) and costs no transfer or stream
-// synchronisation; the most recent entry is tried first, so a training step that alternates
-// forward and backward layouts finds its own in one or two comparisons.
+// one int32 tensor. Keyed by everything the lists depend on. A hit compares the layout in place
+// against the stored copy (memcmp, no allocation, no key built per call) and costs no transfer
+// or stream synchronisation; the most recent entry is tried first, so a training step that
+// alternates forward and backward layouts finds its own in one or two comparisons.
 class WorkCache {
  public:
   struct Lists {
@@ -110,7 +109,7 @@ class WorkCache {
     TF_RETURN_IF_ERROR(ctx->allocate_temp(::tensorflow::DT_INT32,
                                           ::tensorflow::TensorShape({total}), &made.lists.device));
     made.lists.entries_at = static_cast<int64_t>(offsets.size());
-    if (built.key_tiling == gpu::KeyTiling::kPaired) {
+    if (!halves.empty()) {
       made.lists.halves_at = made.lists.entries_at + static_cast<int64_t>(entries.size());
     }
     made.lists.tile_rows = built.tile_rows;
