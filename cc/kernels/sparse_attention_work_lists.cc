@@ -208,10 +208,12 @@ HostWorkLists BuildWorkLists(const SparseAttentionParams& p, ListKind kind) {
 
 bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile) {
   if (!HasMma(p) || key_tile != kTile || p.q_len == 0) return false;
-  // Keys a query attends on average, counting whole blocks. Measured (H200, d = 64, fwd+bwd):
-  // dense causal at T = 4096 (2080 keys) gained 10%, fixed on paired key tiles at T = 16384
-  // (2112) 12%, at T = 4096 (576) 1%; local (191) lost 6%, strided (80) 20%.
-  constexpr double kMinKeysPerQuery = 512;
+  // Keys a query attends on average, counting whole blocks. Measured against the deterministic
+  // pair with its paired gathers (H200, backward): at d = 64 dense causal at T = 16384 (8224
+  // keys) gained 10%, fixed at T = 16384 (2112) 6%, dense at T = 4096 (2080) 1%; fixed at
+  // T = 4096 (576) lost 12%, local (191) 13%, strided (80) 35%; at d = 128 dense gained 6%,
+  // fixed 2%.
+  constexpr double kMinKeysPerQuery = 1024;
   const double keys = static_cast<double>(p.nnz) * p.block_size /
                       (static_cast<double>(p.layout_heads) * p.num_q_blocks);
   return keys >= kMinKeysPerQuery;
