@@ -137,8 +137,8 @@ HostWorkLists BuildKeyLists(const SparseAttentionParams& p, KeyTiling tiling);
 
 // Whether the backward pass is faster with dq summed in a float32 accumulator by the dk/dv
 // kernel (TileWork::dq_accum) for this problem and the key tile height its dk/dv lists were
-// built for. Measured on an H200 (bf16, T = 16384, d = 64, backward): dense causal 8.19 ->
-// 6.51 ms, fixed on paired key tiles 2.32 -> 1.95, but local 0.37 -> 0.40 and strided 0.23 ->
+// built for. Measured on an H200 (bf16, T = 16384, d = 64, backward): dense causal 7.23 ->
+// 6.50 ms, fixed on paired key tiles 2.07 -> 1.95, but local 0.35 -> 0.39 and strided 0.22 ->
 // 0.29: the accumulator's passes and each step's staging and barrier cost more than the two
 // products they save where a query attends few keys, and narrow key tiles have twice the steps.
 bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile);

@@ -221,7 +221,7 @@ __device__ __forceinline__ void GatherRowPairs(T* dst_a, T* dst_b, const T* src_
 }
 
 // The one-tensor gather of the dk/dv kernel with the dq accumulator: a strided loop from
-// threadIdx.x. GatherRowPairs, which takes a third of the instructions, made that kernel 5-11%
+// threadIdx.x. With GatherRowPairs, a third of these instructions, that kernel was 5-11%
 // slower: its step then reaches its products sooner after the barrier, while the previous
 // step's bulk reductions still read shared memory, and their reads and the products' ldmatrix
 // collide (bank conflicts doubled in a variant that issued the reductions at that point).
