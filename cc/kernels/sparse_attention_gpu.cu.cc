@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p
 }
 
 // dq = scale * accumulator: one thread per four accumulator values (one lane's fragment of an
-// n-tile, see detail::DqAccumIndex), which are two pairs of adjacent dq elements in two rows.
+// n-tile, see DqAccumIndex), which are two pairs of adjacent dq elements in two rows.
 template <ElementType E>
 __global__ void __launch_bounds__(256) DqFromAccumKernel(const SparseAttentionParams p,
                                                          const float* acc, int64_t n) {
@@ -50,11 +50,11 @@ __global__ void __launch_bounds__(256) DqFromAccumKernel(const SparseAttentionPa
        i += static_cast<int64_t>(gridDim.x) * 256) {
     const float4 v = src[i];
     const int64_t chunk = i / fragments;
-    const int within = static_cast<int>(i % fragments), n_tile = within / 32, lane = within % 32;
+    const DqAccumCell cell = DqAccumCellAt(4 * static_cast<int>(i % fragments));
     const int64_t bh = chunk / chunks;
-    const int t = static_cast<int>(chunk % chunks) * 16 + (lane >> 2);
+    const int t = static_cast<int>(chunk % chunks) * 16 + cell.row;
     const int b = static_cast<int>(bh / p.heads), h = static_cast<int>(bh % p.heads);
-    const int col = n_tile * 8 + 2 * (lane & 3);
+    const int col = cell.col;
     T* row = static_cast<T*>(p.dq) + ((static_cast<int64_t>(b) * p.q_len + t) * p.heads + h) * d;
     const int64_t next = static_cast<int64_t>(8) * p.heads * d;  // row t + 8
     *reinterpret_cast<uint32_t*>(row + col) = Elem::Pack(v.x * p.scale, v.y * p.scale);

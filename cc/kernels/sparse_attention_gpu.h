@@ -80,9 +80,41 @@ struct TileWork {
   // (tensor-core kernels only), the dk/dv kernel adds its dS K products into it, by bulk
   // reductions or atomics, and a last pass writes dq from it: faster on dense-like layouts,
   // but the order of the sums varies from run to run, so dq may differ in its last bits.
-  // Layout: per (batch, head), q_len / 16 chunks of 16 rows by head_dim (detail::DqAccumIndex).
+  // Layout: per (batch, head), q_len / 16 chunks of 16 rows by head_dim (DqAccumIndex).
   float* dq_accum = nullptr;
 };
+
+// Position inside a 16-row chunk of the dq accumulator (TileWork::dq_accum) of the four values
+// that `lane` holds in the m16n8 accumulator of n-tile `n_tile` (columns 8 n_tile ..): the
+// chunk is stored in the order the MMA fragments hold it, so that a warp stages its results
+// with one contiguous 16-byte store per lane, without bank conflicts. Value x is row
+// (lane >> 2) + 8 (x >> 1), column 8 n_tile + 2 (lane & 3) + (x & 1) of the chunk.
+TSA_HOST_DEVICE constexpr int DqAccumIndex(int n_tile, int lane) {
+  return (n_tile * 32 + lane) * 4;
+}
+
+// The inverse, for the pass that writes dq from the accumulator: the row and column in its
+// chunk of the first of the four values from `index` (a multiple of 4). The others are at
+// column + 1, row + 8 and both.
+struct DqAccumCell {
+  int row, col;
+};
+TSA_HOST_DEVICE constexpr DqAccumCell DqAccumCellAt(int index) {
+  const unsigned fragment = static_cast<unsigned>(index) / 4;  // n_tile * 32 + lane
+  return {static_cast<int>(fragment % 32 / 4),
+          static_cast<int>(fragment / 32 * 8 + fragment % 4 * 2)};
+}
+
+constexpr bool DqAccumCellsInvertIndex(int head_dim) {
+  for (int n_tile = 0; n_tile < head_dim / 8; ++n_tile) {
+    for (int lane = 0; lane < 32; ++lane) {
+      const DqAccumCell cell = DqAccumCellAt(DqAccumIndex(n_tile, lane));
+      if (cell.row != lane >> 2 || cell.col != 8 * n_tile + 2 * (lane & 3)) return false;
+    }
+  }
+  return true;
+}
+static_assert(DqAccumCellsInvertIndex(128), "DqAccumCellAt must invert DqAccumIndex");
 
 // Whether the tensor-core kernels take the problem (the scalar ones take the rest).
 TSA_HOST_DEVICE bool HasMma(const SparseAttentionParams& p) {

@@ -767,15 +767,6 @@ struct DkvConfig {
                 "shared-memory regions must stay 16-byte aligned");
 };
 
-// Position inside a 16-row chunk of the dq accumulator (TileWork::dq_accum) of the four values
-// that `lane` holds in the m16n8 accumulator of n-tile `n_tile` (columns 8 n_tile ..): the
-// chunk is stored in the order the MMA fragments hold it, so that a warp stages its results
-// with one contiguous 16-byte store per lane, without bank conflicts. Value x is row
-// (lane >> 2) + 8 (x >> 1), column 8 n_tile + 2 (lane & 3) + (x & 1) of the chunk.
-__host__ __device__ __forceinline__ int DqAccumIndex(int n_tile, int lane) {
-  return (n_tile * 32 + lane) * 4;
-}
-
 // Bulk reduction (sm_90): adds `bytes` of float32 from shared memory into global memory in one
 // instruction, carried out by the copy engine and L2 rather than by one atomic per element.
 __device__ __forceinline__ void BulkReduceAdd(float* dst, const float* src, int bytes) {
