@@ -85,7 +85,7 @@ int main(int argc, char** argv) {
       for (int t = 0; t < tiles; ++t) {
         // The tile-side positions of the tile and their layout rows as the info counts them.
         std::vector<std::pair<int, int>> positions;
-        if (lists.key_tiling == KeyTiling::kPaired && transposed) {
+        if (transposed && KeyTilingOf(lists) == KeyTiling::kPaired) {
           for (int h = 0; h < 2; ++h) {
             const int first = lists.halves[2 * (static_cast<size_t>(lh) * tiles + t) + h];
             if (first < 0) continue;
@@ -127,7 +127,7 @@ int main(int argc, char** argv) {
       }
     }
     std::printf("%s tile_rows=%d tiling=%s entries=%zu\n", name, rows,
-                KeyTilingName(lists.key_tiling), lists.entries.size() / 2);
+                KeyTilingName(KeyTilingOf(lists)), lists.entries.size() / 2);
   }
   std::printf("OK\n");
   return 0;

@@ -174,7 +174,7 @@ int main(int argc, char** argv) {
               "dk/dv %7.3f) | fwd+bwd %7.3f ms | dq accumulator: bwd %7.3f fwd+bwd %7.3f ms | "
               "sums out %.6e dq %.6e dk %.6e dv %.6e | accumulator dq %.6e dk %.6e dv %.6e\n",
               argv[3], D, T, forward.query_tile, backward.key_tile,
-              KeyTilingName(key_lists.key_tiling), fwd, bwd, dq_only,
+              KeyTilingName(KeyTilingOf(key_lists)), fwd, bwd, dq_only,
               bwd - dq_only, fwd + bwd, bwd_fused, fwd + bwd_fused, AbsSum(o, n), dq_sum, dk_sum,
               dv_sum, AbsSum(dq, n), AbsSum(dk, n), AbsSum(dv, n));
   return 0;

@@ -155,7 +155,6 @@ inline LayoutSide SideOf(const SparseAttentionParams& p, ListKind kind) {
 // The lists of one kind, built on the host.
 struct HostWorkLists {
   int tile_rows = kTile;  // query rows (or key rows) of the tiles the lists were built for
-  KeyTiling key_tiling = KeyTiling::kWide;  // ListKind::kKey only
   std::vector<int32_t> offsets;  // layout_heads * tiles + 1
   std::vector<int32_t> entries;  // two int32 per entry, as described above
   std::vector<int32_t> halves;   // KeyTiling::kPaired only: TileWork::k_halves
@@ -175,10 +174,17 @@ HostWorkLists BuildKeyLists(const SparseAttentionParams& p, KeyTiling tiling);
 // products they save where a query attends few keys, and narrow key tiles have twice the steps.
 bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile);
 
-// The tiling a TileWork's key lists were built for.
+// The tiling that key lists were built for, from their tile height and whether they carry
+// halves: on the host, or as the kernels get them.
+inline KeyTiling KeyTilingOf(int tile_rows, bool paired) {
+  if (paired) return KeyTiling::kPaired;
+  return tile_rows == kNarrowKeyTile ? KeyTiling::kNarrow : KeyTiling::kWide;
+}
+inline KeyTiling KeyTilingOf(const HostWorkLists& lists) {
+  return KeyTilingOf(lists.tile_rows, !lists.halves.empty());
+}
 inline KeyTiling KeyTilingOf(const TileWork& w) {
-  if (w.k_halves != nullptr) return KeyTiling::kPaired;
-  return w.key_tile == kNarrowKeyTile ? KeyTiling::kNarrow : KeyTiling::kWide;
+  return KeyTilingOf(w.key_tile, w.k_halves != nullptr);
 }
 
 // Whether the GPU kernels take this problem; *why gets the reason when they do not.

@@ -75,16 +75,14 @@ void BuildTileWork(const SparseAttentionParams& p, ListKind kind, int tile_rows,
   }
 }
 
-// Chunks in the union of two tiles' sorted lists.
-int UnionSize(const int32_t* a, int na, const int32_t* b, int nb) {
-  int i = 0, j = 0, n = 0;
-  while (i < na || j < nb) {
-    const int ca = i < na ? a[2 * i] : INT32_MAX, cb = j < nb ? b[2 * j] : INT32_MAX;
-    i += ca <= cb;
-    j += cb <= ca;
-    ++n;
+// Walks the union of two sorted entry lists, [a, a1) and [b, b1) of `ent`, calling
+// f(chunk, ia, ib) once per chunk with its entry index in each list, -1 where a list lacks it.
+template <typename F>
+void ForEachUnionChunk(const int32_t* ent, int a, int a1, int b, int b1, F&& f) {
+  while (a < a1 || b < b1) {
+    const int ca = a < a1 ? ent[2 * a] : INT32_MAX, cb = b < b1 ? ent[2 * b] : INT32_MAX;
+    f(std::min(ca, cb), ca <= cb ? a++ : -1, cb <= ca ? b++ : -1);
   }
-  return n;
 }
 
 // Pairs the narrow tiles of `narrow` (kNarrowKeyTile keys each) into tiles of kTile keys: per
@@ -100,7 +98,6 @@ HostWorkLists PairNarrowTiles(const SparseAttentionParams& p, const HostWorkList
   const int32_t* ent = narrow.entries.data();
   HostWorkLists out;
   out.tile_rows = kTile;
-  out.key_tiling = KeyTiling::kPaired;
   out.offsets.assign(static_cast<size_t>(p.layout_heads) * npairs + 1, 0);
   out.halves.reserve(static_cast<size_t>(p.layout_heads) * npairs * 2);
   std::vector<int> order(ntiles);
@@ -122,7 +119,9 @@ HostWorkLists PairNarrowTiles(const SparseAttentionParams& p, const HostWorkList
         const int c = order[m];
         if (used[c]) continue;
         ++seen;
-        const int size = UnionSize(ent + 2 * off[a], count(a), ent + 2 * off[c], count(c));
+        int size = 0;
+        ForEachUnionChunk(ent, off[a], off[a + 1], off[c], off[c + 1],
+                          [&](int, int, int) { ++size; });
         if (size < best_size) best = c, best_size = size;
       }
       if (best >= 0) used[best] = 1;
@@ -139,21 +138,18 @@ HostWorkLists PairNarrowTiles(const SparseAttentionParams& p, const HostWorkList
         full |= ((1 << rows) - 1) << (kHalfSubs * h);
       }
       // Merge the two sorted lists, moving the second half's row and window bits.
-      int i = off[a], i1 = off[a + 1];
-      int j = best >= 0 ? off[best] : 0, j1 = best >= 0 ? off[best + 1] : 0;
-      while (i < i1 || j < j1) {
-        const int ca = i < i1 ? ent[2 * i] : INT32_MAX, cb = j < j1 ? ent[2 * j] : INT32_MAX;
-        int32_t info = 0;
-        if (ca <= cb) info |= ent[2 * i++ + 1];
-        if (cb <= ca) {
-          const int32_t other = ent[2 * j++ + 1];
+      const int b0 = best >= 0 ? off[best] : 0, b1 = best >= 0 ? off[best + 1] : 0;
+      ForEachUnionChunk(ent, off[a], off[a + 1], b0, b1, [&](int chunk, int ia, int ib) {
+        int32_t info = ia >= 0 ? ent[2 * ia + 1] : 0;
+        if (ib >= 0) {
+          const int32_t other = ent[2 * ib + 1];
           info |= (other & kInfoPartial) | ((other & 0xff) << kHalfSubs) |
                   ((other & (0xff << kInfoWindowShift)) << kHalfSubs);
         }
         if ((info & full) != full) info |= kInfoPartial;
-        out.entries.push_back(std::min(ca, cb));
+        out.entries.push_back(chunk);
         out.entries.push_back(info);
-      }
+      });
       out.offsets[static_cast<size_t>(lh) * npairs + pair + 1] =
           static_cast<int32_t>(out.entries.size() / 2);
       ++pair;
@@ -169,7 +165,6 @@ HostWorkLists BuildKeyLists(const SparseAttentionParams& p, KeyTiling tiling) {
     return PairNarrowTiles(p, BuildKeyLists(p, KeyTiling::kNarrow));
   }
   HostWorkLists lists;
-  lists.key_tiling = tiling;
   lists.tile_rows = tiling == KeyTiling::kNarrow ? kNarrowKeyTile : kTile;
   BuildTileWork(p, ListKind::kKey, lists.tile_rows, &lists.offsets, &lists.entries);
   return lists;
