@@ -77,7 +77,7 @@ struct TileWork {
   int key_tile = kTile;    // key rows of a dk/dv tile that the k lists were built for
   float* delta = nullptr;  // [batch, heads, q_len] scratch of the backward pass
   // batch * heads * q_len * head_dim float32 scratch of the backward pass, or nullptr. When set
-  // (tensor-core kernels only), the dk/dv kernel adds its dS K products into it, by bulk
+  // (tensor-core kernels only), the dk/dv kernel adds its dS K products into it, by vector
   // reductions or atomics, and a last pass writes dq from it: faster on dense-like layouts,
   // but the order of the sums varies from run to run, so dq may differ in its last bits.
   // Layout: per (batch, head), q_len / 16 chunks of 16 rows by head_dim (DqAccumIndex).
@@ -86,8 +86,8 @@ struct TileWork {
 
 // Position inside a 16-row chunk of the dq accumulator (TileWork::dq_accum) of the four values
 // that `lane` holds in the m16n8 accumulator of n-tile `n_tile` (columns 8 n_tile ..): the
-// chunk is stored in the order the MMA fragments hold it, so that a warp stages its results
-// with one contiguous 16-byte store per lane, without bank conflicts. Value x is row
+// chunk is stored in the order the MMA fragments hold it, so that a warp adds its results
+// with one 16-byte reduction per lane, 512 contiguous bytes per warp. Value x is row
 // (lane >> 2) + 8 (x >> 1), column 8 n_tile + 2 (lane & 3) + (x & 1) of the chunk.
 TSA_HOST_DEVICE constexpr int DqAccumIndex(int n_tile, int lane) {
   return (n_tile * 32 + lane) * 4;

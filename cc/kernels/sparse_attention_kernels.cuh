@@ -14,8 +14,8 @@
 //            come out of the accumulators already in the A-operand layout.
 // Deterministic by default: every output element is owned by one thread of one CTA. Where the
 // host passes a float32 dq accumulator (TileWork::dq_accum), the dk/dv kernel also computes
-// dS K, stages each step's products in shared memory and adds them to the accumulator with one
-// bulk reduction per 16 queries (sm_90; atomics per element before it), and the dq kernel with
+// dS K and adds it to the accumulator straight from registers (16-byte vector reductions on
+// sm_90, atomics per element before it), and the dq kernel with
 // its second computation of S and dP is skipped: two products of seven per pair fewer, at the
 // price of a summation order that varies.
 //
@@ -195,9 +195,8 @@ __device__ __forceinline__ float Lse2(float lse) { return lse == -kInf ? kInf : 
 // token entries[2 * (r / 16)] + r % 16; chunks >= nvalid are zero-filled. Each thread copies
 // one 16-byte column of every (THREADS / kSegs)-th row from its own: a loop of constant trip
 // count that unrolls with the row arithmetic folded, and one token offset serves both tensors.
-// (GatherRows, a strided loop from threadIdx.x for one tensor at a time, spends about a quarter
-// of the dk/dv kernel's instructions; this took 11-15% off the forward, dq and deterministic
-// dk/dv kernels.)
+// (A strided loop from threadIdx.x for one tensor at a time spent about a quarter of the dk/dv
+// kernel's instructions; this took 11-15% off every kernel.)
 template <typename T, int D, int S, int ROWS, int THREADS>
 __device__ __forceinline__ void GatherRowPairs(T* dst_a, T* dst_b, const T* src_a,
                                                const T* src_b, int64_t token_stride,
@@ -217,24 +216,6 @@ __device__ __forceinline__ void GatherRowPairs(T* dst_a, T* dst_b, const T* src_
     const int at = r * S + c * 8;
     CpAsync16(dst_a + at, src_a + offset, valid ? 16 : 0);
     CpAsync16(dst_b + at, src_b + offset, valid ? 16 : 0);
-  }
-}
-
-// The one-tensor gather of the dk/dv kernel with the dq accumulator: a strided loop from
-// threadIdx.x. With GatherRowPairs, a third of these instructions, that kernel was 5-11%
-// slower: its step then reaches its products sooner after the barrier, while the previous
-// step's bulk reductions still read shared memory, and their reads and the products' ldmatrix
-// collide (bank conflicts doubled in a variant that issued the reductions at that point).
-template <typename T, int D, int S, int ROWS, int THREADS>
-__device__ __forceinline__ void GatherRows(T* dst, const T* src, int64_t token_stride,
-                                           const int32_t* entries, int nvalid) {
-  constexpr int kSegs = D / 8;  // 16-byte pieces in a row
-  for (int idx = threadIdx.x; idx < ROWS * kSegs; idx += THREADS) {
-    const int r = idx / kSegs, c = idx % kSegs;
-    const int chunk = r >> 4;
-    const bool valid = chunk < nvalid;
-    const int token = valid ? entries[2 * chunk] + (r & 15) : 0;
-    CpAsync16(dst + r * S + c * 8, src + token * token_stride + c * 8, valid ? 16 : 0);
   }
 }
 
@@ -754,69 +735,42 @@ struct DkvConfig {
   // Output columns of one fused dq piece: 16 queries by kDqCols, at most 32 accumulators per
   // thread.
   static constexpr int kDqCols = D < 64 ? D : 64;
-  // A step's dq products (kQueries x D float32 in DqAccumIndex order), staged for the bulk
-  // reductions; two buffers, so that a step's reductions read one while the next fills the
-  // other.
-  static constexpr size_t kDqStageFloats = static_cast<size_t>(kQueries) * D;
   static constexpr size_t SmemBytes(size_t elem, bool fused_dq) {
     return elem * (2 * kKeys * kS + 4 * kQueries * kS + (fused_dq ? kKeys * kSdS : 0)) +
-           sizeof(float) * (4 * kQueries + (fused_dq ? 2 * kDqStageFloats : 0));
+           sizeof(float) * 4 * kQueries;
   }
-  // Bulk copies need 16-byte aligned shared addresses: every region above is a multiple of 16.
+  // CTAs per SM that the register allocation must allow. Three for the kernel with the dq
+  // accumulator at D <= 64, whose 64 KB of shared memory allow three (168 registers and about
+  // 100 bytes of spills): 3-7% faster on dense and fixed layouts. The
+  // deterministic kernel keeps two (about 240 registers): three was 4-8% faster on local and
+  // strided layouts but 10% slower on dense ones and 30% on fixed ones at T = 4096.
+  static constexpr int MinBlocks(bool fused_dq) { return fused_dq && D <= 64 ? 3 : 1; }
+  // ldmatrix and cp.async need 16-byte aligned rows: every region above is a multiple of 16.
   static_assert((kS * 2) % 16 == 0 && (kSdS * 2) % 16 == 0 && (4 * kQueries * 4) % 16 == 0,
                 "shared-memory regions must stay 16-byte aligned");
 };
 
-// Bulk reduction (sm_90): adds `bytes` of float32 from shared memory into global memory in one
-// instruction, carried out by the copy engine and L2 rather than by one atomic per element.
-__device__ __forceinline__ void BulkReduceAdd(float* dst, const float* src, int bytes) {
+// Adds four float32 values to dst[0..3] (16-byte aligned) in global memory: one vector
+// reduction, carried out by L2, on sm_90; four atomics before it.
+__device__ __forceinline__ void ReduceAdd4(float* dst, const float (&v)[4]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
-      "r"(SmemAddr(src)), "r"(bytes)
-      : "memory");
-#endif
-}
-__device__ __forceinline__ void BulkCommit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-#endif
-}
-// Waits until at most N committed bulk groups of this thread still read shared memory.
-template <int N>
-__device__ __forceinline__ void BulkWaitRead() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
-#endif
-}
-__device__ __forceinline__ void BulkWaitAll() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-#endif
-}
-// Orders this thread's shared-memory writes before bulk copies that read them.
-__device__ __forceinline__ void FenceSharedForBulk() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-constexpr bool BulkReductions() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  return false;
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(v[0]),
+               "f"(v[1]), "f"(v[2]), "f"(v[3]));
 #else
-  return true;
+#pragma unroll
+  for (int x = 0; x < 4; ++x) atomicAdd(dst + x, v[x]);
 #endif
 }
 
 // dq += dS K for one step of the dk/dv kernel, from the CTA's dS^T tile in shared memory
 // ([key][query], row stride kSdS) and its K rows. The warps share the step's pieces of 16
-// queries by kDqCols columns, each a product over all the tile's keys. On sm_90 the pieces go
-// to `stage` (the step's 16-query chunks, each contiguous in DqAccumIndex order), which the
-// caller then adds to w.dq_accum with one bulk reduction per chunk; before sm_90 each thread
-// adds its values with atomics.
+// queries by kDqCols columns, each a product over all the tile's keys, and add them to
+// w.dq_accum straight from the accumulators: the four values a lane holds per n-tile are
+// contiguous there (DqAccumIndex), so that each is one 16-byte reduction and a warp's 32 of
+// them cover 512 contiguous bytes.
 template <ElementType E, int D, KeyTiling kTiling>
 __device__ __forceinline__ void FusedDqStep(const TileWork& w, const typename Elem<E>::T* sdS,
-                                            const typename Elem<E>::T* sK, float* stage,
+                                            const typename Elem<E>::T* sK,
                                             const int32_t* ent, int e, int e1, int64_t accum_bh,
                                             int warp, int lane) {
   using Cfg = DkvConfig<D, kTiling>;
@@ -842,28 +796,16 @@ __device__ __forceinline__ void FusedDqStep(const TileWork& w, const typename El
         Mma<E>(acc[2 * dd + 1], a, kf[2], kf[3]);
       }
     }
-    if constexpr (BulkReductions()) {
-      float* chunk = stage + mt * 16 * D;
+    float* chunk = w.dq_accum + accum_bh + static_cast<int64_t>(ent[2 * (e + mt)]) * D;
 #pragma unroll
-      for (int n = 0; n < DC / 8; ++n) {
-        *reinterpret_cast<float4*>(chunk + DqAccumIndex(c0 / 8 + n, lane)) =
-            make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
-      }
-    } else {
-      float* chunk = w.dq_accum + accum_bh + static_cast<int64_t>(ent[2 * (e + mt)]) * D;
-#pragma unroll
-      for (int n = 0; n < DC / 8; ++n) {
-        float* dst = chunk + DqAccumIndex(c0 / 8 + n, lane);
-#pragma unroll
-        for (int x = 0; x < 4; ++x) atomicAdd(dst + x, acc[n][x]);
-      }
-    }
+    for (int n = 0; n < DC / 8; ++n) ReduceAdd4(chunk + DqAccumIndex(c0 / 8 + n, lane), acc[n]);
   }
 }
 
 // kFusedDq: also adds dS K into w.dq_accum (see the top of this file).
 template <ElementType E, int D, KeyTiling kTiling, bool kFusedDq>
-__global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads)
+__global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
+                                  DkvConfig<D, kTiling>::MinBlocks(kFusedDq))
     MmaDkvKernel(const SparseAttentionParams p, const TileWork w) {
   using Cfg = DkvConfig<D, kTiling>;
   using T = typename Elem<E>::T;
@@ -877,7 +819,6 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads)
   float* sLse = reinterpret_cast<float*>(sdO + 2 * QN * S);
   float* sDelta = sLse + 2 * QN;
   T* sdS = reinterpret_cast<T*>(sDelta + 2 * QN);  // only when kFusedDq
-  float* sDq = reinterpret_cast<float*>(sdS + KT * SD);  // only when kFusedDq
 
   // Narrow and paired tiles (sparse columns, e.g. the fixed pattern's summaries) go tile-major
   // over (batch, head), so that the heaviest tiles of every head start in the first waves
@@ -911,13 +852,8 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads)
   auto load_group = [&](int grp, int buf) {
     const int e = e0 + grp * NC;
     const int nvalid = min(NC, e1 - e);
-    if constexpr (kFusedDq) {
-      GatherRows<T, D, S, QN, TH>(sQ + buf * QN * S, qp, stride, ent + 2 * e, nvalid);
-      GatherRows<T, D, S, QN, TH>(sdO + buf * QN * S, dop, stride, ent + 2 * e, nvalid);
-    } else {
-      GatherRowPairs<T, D, S, QN, TH>(sQ + buf * QN * S, sdO + buf * QN * S, qp, dop, stride,
-                                      ent + 2 * e, nvalid);
-    }
+    GatherRowPairs<T, D, S, QN, TH>(sQ + buf * QN * S, sdO + buf * QN * S, qp, dop, stride,
+                                    ent + 2 * e, nvalid);
     for (int idx = tid; idx < 2 * QN; idx += TH) {
       const int r = idx % QN;
       const int chunk = r >> 4;
@@ -981,21 +917,9 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads)
 
   for (int grp = 0; grp < ngroups; ++grp) {
     const int buf = grp & 1;
-    if constexpr (kFusedDq) {
-      // A step with the dq product ends at a barrier before its bulk reductions, after which
-      // the buffer it read is free: the next step's loads go out before this step's barrier.
-      // (Issuing the reductions after the next step's first barrier instead, to save a barrier
-      // per step, was 8-10% slower at D = 64 in three arrangements: the loads after that
-      // barrier, the dq product deferred to the next step, the loads two steps ahead.)
-      if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
-      CpAsyncCommit();
-      CpAsyncWait<1>();
-      __syncthreads();
-    } else {
-      NextStep();
-      if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
-      CpAsyncCommit();
-    }
+    NextStep();
+    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
+    CpAsyncCommit();
 
     const int e = e0 + grp * NC;
     int qs[NC];
@@ -1072,28 +996,12 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads)
         }
       }
     }
-    float* stage = sDq + buf * Cfg::kDqStageFloats;
     if constexpr (kFusedDq) {
+      // Every warp's rows of dS^T are in place. The next step's first barrier keeps them until
+      // every warp has read them.
       __syncthreads();
-      FusedDqStep<E, D, kTiling>(w, sdS, sK, stage, ent, e, e1, accum_bh, warp, lane);
-      if constexpr (BulkReductions()) FenceSharedForBulk();
-      __syncthreads();
-      if constexpr (BulkReductions()) {
-        if (tid < NC) {
-          if (e + tid < e1) {
-            BulkReduceAdd(w.dq_accum + accum_bh + static_cast<int64_t>(ent[2 * (e + tid)]) * D,
-                          stage + tid * 16 * D, 16 * D * static_cast<int>(sizeof(float)));
-          }
-          BulkCommit();
-          // The stage this step filled is refilled two steps later, after this thread's wait
-          // and two barriers.
-          BulkWaitRead<1>();
-        }
-      }
+      FusedDqStep<E, D, kTiling>(w, sdS, sK, ent, e, e1, accum_bh, warp, lane);
     }
-  }
-  if constexpr (kFusedDq && BulkReductions()) {
-    if (tid < NC) BulkWaitAll();
   }
 
   T* dkp = static_cast<T*>(p.dk) + koff;
