@@ -21,7 +21,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   cp bench/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
 fi
 if [ -z "${SKIP_KERNEL_TIMING:-}" ]; then
-  # The kernels alone, built here for sm_90 (no TensorFlow in the measurement).
+  # The kernels alone, built here for sm_90a (no TensorFlow in the measurement).
   kt=/tmp/kernel_timing
   mkdir -p $kt
   python3 bench/kernel_timing/dump_layouts.py $kt/layouts > /dev/null &&

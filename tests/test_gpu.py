@@ -158,7 +158,7 @@ def test_atomic_dq_block_sizes(block_size, causal, monkeypatch):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_atomic_dq_many_steps(causal, monkeypatch):
-    # 64-key tiles walking 16 steps of queries: the staged products' two buffers are reused.
+    # 64-key tiles walking 16 steps of queries, each adding its products to the accumulator.
     monkeypatch.setenv("TF_SPARSE_ATTN_GPU_DQ", "atomic")
     check("dense", tf.bfloat16, 64, 64, causal, blocks=16, trim=37, heads=2, seed=31 + causal,
           compare_cpu=False)
@@ -187,6 +187,32 @@ def test_deterministic(op_determinism, monkeypatch):
     second = check("dense", tf.bfloat16, 64, 32, **args)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16], ids=lambda d: d.name)
+def test_sm80_forward(pattern, dtype, monkeypatch):
+    # On Hopper the head_dim 64 forward runs on warpgroup products; this keeps the sm_80 kernel,
+    # which other GPUs run, covered there too (64- and 128-row tiles, masks, key bias).
+    monkeypatch.setenv("TF_SPARSE_ATTN_GPU_WGMMA", "0")
+    check(pattern, dtype, 64, 16, seed=hash((pattern, dtype.name, "sm80")) % 2**31)
+    check(pattern, dtype, 64, 32, key_mask=True, blocks=12, trim=9,
+          seed=hash((pattern, dtype.name, "sm80", "mask")) % 2**31, compare_cpu=False)
+
+
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16], ids=lambda d: d.name)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_head_dim_64_forward_many_steps(dtype, causal):
+    # 128-row query tiles walking many 64-key steps, with a key mask: whichever forward the GPU
+    # runs by default at head_dim 64.
+    check("dense", dtype, 64, 64, causal, blocks=12, trim=29, heads=2, key_mask=True,
+          seed=51 + causal, compare_cpu=False)
+
+
+def test_unknown_wgmma_mode_is_an_error(monkeypatch):
+    monkeypatch.setenv("TF_SPARSE_ATTN_GPU_WGMMA", "yes")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="TF_SPARSE_ATTN_GPU_WGMMA"):
+        check("dense", tf.bfloat16, 64, 16, seed=1, compare_cpu=False)
 
 
 def test_unknown_dq_mode_is_an_error(monkeypatch):

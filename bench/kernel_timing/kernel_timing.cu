@@ -1,8 +1,9 @@
 // Kernel-only timing of the GPU launchers, without TensorFlow: CUDA-event time per call of the
-// forward, the whole backward, dq alone and the backward with dq summed by the dk/dv kernel (bf16,
-// batch 2, 8 heads) on a layout written by dump_layouts.py, with the work lists the op would
-// build. Prints checksums of the outputs, so that two builds of the kernels can be compared on
-// the same inputs.
+// forward (and of the sm_80 forward beside the sm_90a one, with the largest difference between
+// their outputs), the whole backward, dq alone and the backward with dq summed by the dk/dv
+// kernel (bf16, batch 2, 8 heads) on a layout written by dump_layouts.py, with the work lists
+// the op would build. Prints checksums of the outputs, so that two builds of the kernels can be
+// compared on the same inputs.
 //
 //   kernel_timing LAYOUT.bin HEAD_DIM LABEL [wide|narrow|paired]
 //
@@ -50,6 +51,14 @@ __global__ void FillHashed(__nv_bfloat16* x, size_t n, uint32_t seed) {
     h ^= h >> 15;
     x[i] = __float2bfloat16((h & 0xffff) / 32768.f - 1.f);
   }
+}
+
+std::vector<float> ToHost(const __nv_bfloat16* d, size_t n) {
+  std::vector<__nv_bfloat16> h(n);
+  CHECK_CUDA(cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost));
+  std::vector<float> f(n);
+  for (size_t i = 0; i < n; ++i) f[i] = __bfloat162float(h[i]);
+  return f;
 }
 
 double AbsSum(const __nv_bfloat16* d, size_t n) {
@@ -107,6 +116,7 @@ int main(int argc, char** argv) {
   forward.query_tile = fwd_lists.tile_rows;
   forward.q_offsets = ToDevice(fwd_lists.offsets);
   forward.q_entries = ToDevice(fwd_lists.entries);
+  forward.wgmma = WgmmaAvailable();
   backward.q_offsets = ToDevice(dq_lists.offsets);
   backward.q_entries = ToDevice(dq_lists.entries);
   backward.key_tile = key_lists.tile_rows;
@@ -154,7 +164,26 @@ int main(int argc, char** argv) {
     cudaEventElapsedTime(&ms, start, stop);
     return ms / reps;
   };
+  // The sm_80 forward too where the sm_90a one runs by default: its time, and the largest
+  // difference between the two outputs.
+  float fwd_sm80 = 0.f;
+  std::vector<float> out_sm80;
+  if (forward.wgmma) {
+    TileWork sm80 = forward;
+    sm80.wgmma = false;
+    fwd_sm80 = time_ms([&] { return LaunchForward(p, sm80, nullptr); });
+    CHECK_CUDA(cudaDeviceSynchronize());
+    out_sm80 = ToHost(o, n);
+  }
   const float fwd = time_ms([&] { return LaunchForward(p, forward, nullptr); });
+  double out_diff = 0.0;
+  if (!out_sm80.empty()) {
+    CHECK_CUDA(cudaDeviceSynchronize());
+    const std::vector<float> out = ToHost(o, n);
+    for (size_t i = 0; i < n; ++i) {
+      out_diff = std::max(out_diff, double(std::fabs(out[i] - out_sm80[i])));
+    }
+  }
   const float bwd = time_ms([&] { return LaunchBackward(p, backward, nullptr); });
   float dq_only = 0.f;
   if (D == 64) dq_only = time_ms([&] { return LaunchDq<64>(p, backward); });
@@ -170,12 +199,15 @@ int main(int argc, char** argv) {
     return 1;
   }
   CHECK_CUDA(cudaDeviceSynchronize());
-  std::printf("%-24s d=%3d T=%6d tiles q%d k%d %s | fwd %7.3f | bwd %7.3f (dq %7.3f "
-              "dk/dv %7.3f) | fwd+bwd %7.3f ms | dq accumulator: bwd %7.3f fwd+bwd %7.3f ms | "
-              "sums out %.6e dq %.6e dk %.6e dv %.6e | accumulator dq %.6e dk %.6e dv %.6e\n",
+  std::printf("%-24s d=%3d T=%6d tiles q%d k%d %s | fwd %7.3f (%s; sm80 %7.3f) | bwd %7.3f "
+              "(dq %7.3f dk/dv %7.3f) | fwd+bwd %7.3f ms | dq accumulator: bwd %7.3f fwd+bwd "
+              "%7.3f ms | sums out %.6e (max diff from sm80 %.2e) dq %.6e dk %.6e dv %.6e | "
+              "accumulator dq %.6e dk %.6e dv %.6e\n",
               argv[3], D, T, forward.query_tile, backward.key_tile,
-              KeyTilingName(KeyTilingOf(key_lists)), fwd, bwd, dq_only,
-              bwd - dq_only, fwd + bwd, bwd_fused, fwd + bwd_fused, AbsSum(o, n), dq_sum, dk_sum,
+              KeyTilingName(KeyTilingOf(key_lists)), fwd, forward.wgmma ? "wgmma" : "sm80",
+              fwd_sm80, bwd, dq_only,
+              bwd - dq_only, fwd + bwd, bwd_fused, fwd + bwd_fused, AbsSum(o, n), out_diff, dq_sum,
+              dk_sum,
               dv_sum, AbsSum(dq, n), AbsSum(dk, n), AbsSum(dv, n));
   return 0;
 }

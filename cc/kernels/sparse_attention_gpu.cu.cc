@@ -3,6 +3,7 @@
 #if GOOGLE_CUDA
 
 #include <algorithm>
+#include <atomic>
 
 #include "cc/kernels/sparse_attention_gpu.h"
 #include "cc/kernels/sparse_attention_kernels.cuh"
@@ -121,6 +122,28 @@ const char* LaunchDqFromAccum(const SparseAttentionParams& p, const TileWork& w,
   return detail::LastError();
 }
 }  // namespace internal
+
+bool WgmmaAvailable() {
+#if defined(TSA_WITH_SM90A)
+  // Per device: 0 not yet asked, 1 yes, 2 no.
+  static std::atomic<int> known[64];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  int state = known[device].load(std::memory_order_relaxed);
+  if (state == 0) {
+    int major = 0, minor = 0;
+    const bool asked =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+            cudaSuccess &&
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess;
+    state = asked && major == 9 && minor == 0 ? 1 : 2;
+    known[device].store(state, std::memory_order_relaxed);
+  }
+  return state == 1;
+#else
+  return false;
+#endif
+}
 
 bool Supported(const SparseAttentionParams& p, const char** why) {
   if (p.block_size % kChunk != 0) {

@@ -74,6 +74,9 @@ struct TileWork {
   // empty half; [layout_heads * KeyTiles(p, w) * 2].
   const int32_t* k_halves = nullptr;
   int query_tile = kTile;  // query rows of a forward tile that the q lists were built for
+  // Run the sm_90a forward (head_dim 64) rather than the sm_80 one: only where
+  // WgmmaAvailable().
+  bool wgmma = false;
   int key_tile = kTile;    // key rows of a dk/dv tile that the k lists were built for
   float* delta = nullptr;  // [batch, heads, q_len] scratch of the backward pass
   // batch * heads * q_len * head_dim float32 scratch of the backward pass, or nullptr. When set
@@ -168,10 +171,11 @@ HostWorkLists BuildKeyLists(const SparseAttentionParams& p, KeyTiling tiling);
 
 // Whether the backward pass is faster with dq summed in a float32 accumulator by the dk/dv
 // kernel (TileWork::dq_accum) for this problem and the key tile height its dk/dv lists were
-// built for. Measured on an H200 (bf16, T = 16384, d = 64, backward): dense causal 7.23 ->
-// 6.50 ms, fixed on paired key tiles 2.07 -> 1.95, but local 0.35 -> 0.39 and strided 0.22 ->
-// 0.29: the accumulator's passes and each step's staging and barrier cost more than the two
-// products they save where a query attends few keys, and narrow key tiles have twice the steps.
+// built for. Measured on an H200 (bf16, T = 16384, d = 64, backward): dense causal 7.25 ->
+// 6.35 ms, fixed on paired key tiles 2.08 -> 1.78, local 0.350 -> 0.345, but strided 0.22 ->
+// 0.26 and fixed at T = 4096 0.21 -> 0.26: the accumulator's own passes (zeroing, delta,
+// conversion) and each step's extra barrier cost more than the two products they save where a
+// query attends few keys, and narrow key tiles have twice the steps.
 bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile);
 
 // The tiling that key lists were built for, from their tile height and whether they carry
@@ -186,6 +190,10 @@ inline KeyTiling KeyTilingOf(const HostWorkLists& lists) {
 inline KeyTiling KeyTilingOf(const TileWork& w) {
   return KeyTilingOf(w.key_tile, w.k_halves != nullptr);
 }
+
+// Whether this build carries the sm_90a kernels (the forward on warpgroup products) and the
+// current device can run them (compute capability 9.0).
+bool WgmmaAvailable();
 
 // Whether the GPU kernels take this problem; *why gets the reason when they do not.
 bool Supported(const SparseAttentionParams& p, const char** why);

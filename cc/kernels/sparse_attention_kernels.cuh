@@ -190,14 +190,23 @@ __device__ __forceinline__ float WarpSum(float x) {
 // so that exp2(score - lse) is 0 there rather than NaN.
 __device__ __forceinline__ float Lse2(float lse) { return lse == -kInf ? kInf : lse * kLog2e; }
 
+// Where 16-byte piece c of row r of a tile goes in shared memory (in elements), for the
+// tensor-core kernels' tiles: rows of S elements, padded so that ldmatrix rows fall into
+// distinct banks.
+template <int S>
+struct PaddedRows {
+  static __device__ __forceinline__ int At(int r, int c) { return r * S + c * 8; }
+};
+
 // Copies ROWS (a multiple of 16) gathered rows of two [batch, len, heads, D] tensors read at
-// the same tokens (K and V, or Q and dO) into shared memory with row stride S. Row r comes from
+// the same tokens (K and V, or Q and dO) into shared memory laid out as Rows (PaddedRows or
+// another placement of 16-byte pieces with an At(row, piece)). Row r comes from
 // token entries[2 * (r / 16)] + r % 16; chunks >= nvalid are zero-filled. Each thread copies
 // one 16-byte column of every (THREADS / kSegs)-th row from its own: a loop of constant trip
 // count that unrolls with the row arithmetic folded, and one token offset serves both tensors.
 // (A strided loop from threadIdx.x for one tensor at a time spent about a quarter of the dk/dv
 // kernel's instructions; this took 11-15% off every kernel.)
-template <typename T, int D, int S, int ROWS, int THREADS>
+template <typename T, int D, typename Rows, int ROWS, int THREADS>
 __device__ __forceinline__ void GatherRowPairs(T* dst_a, T* dst_b, const T* src_a,
                                                const T* src_b, int64_t token_stride,
                                                const int32_t* entries, int nvalid) {
@@ -213,14 +222,15 @@ __device__ __forceinline__ void GatherRowPairs(T* dst_a, T* dst_b, const T* src_
     const bool valid = chunk < nvalid;
     const int64_t offset =
         valid ? static_cast<int64_t>(entries[2 * chunk] + (r & 15)) * token_stride + c * 8 : 0;
-    const int at = r * S + c * 8;
+    const int at = Rows::At(r, c);
     CpAsync16(dst_a + at, src_a + offset, valid ? 16 : 0);
     CpAsync16(dst_b + at, src_b + offset, valid ? 16 : 0);
   }
 }
 
-// Loads `rows` contiguous rows starting at token `first` (rows past `len` zero-filled).
-template <typename T, int D, int S, int ROWS, int THREADS>
+// Loads ROWS contiguous rows starting at token `first` (rows past `len` zero-filled), laid out
+// as Rows.
+template <typename T, int D, typename Rows, int ROWS, int THREADS>
 __device__ __forceinline__ void LoadRows(T* dst, const T* src, int64_t token_stride, int first,
                                          int len) {
   constexpr int kSegs = D / 8;
@@ -228,20 +238,20 @@ __device__ __forceinline__ void LoadRows(T* dst, const T* src, int64_t token_str
     const int r = idx / kSegs, c = idx % kSegs;
     const int token = first + r;
     const bool valid = token < len;
-    CpAsync16(dst + r * S + c * 8, src + (valid ? token : 0) * token_stride + c * 8,
+    CpAsync16(dst + Rows::At(r, c), src + (valid ? token : 0) * token_stride + c * 8,
               valid ? 16 : 0);
   }
 }
 
 // Gathers one step of 64 keys (four chunks of the work list from entry e; chunks >= e1 are
-// zero-filled) into K and V shared buffers, and their key bias when there is one: the step
-// loader of the forward and dq kernels.
-template <typename T, int D, int S, int KN, int THREADS>
+// zero-filled) into K and V shared buffers laid out as Rows, and their key bias when there is
+// one: the step loader of the forward and dq kernels.
+template <typename T, int D, typename Rows, int KN, int THREADS>
 __device__ __forceinline__ void LoadKeyStep(T* sK, T* sV, float* sBias, const T* kp,
                                             const T* vp, const float* bias, int64_t stride,
                                             const int32_t* ent, int e, int e1) {
   const int nvalid = min(KN / kChunk, e1 - e);
-  GatherRowPairs<T, D, S, KN, THREADS>(sK, sV, kp, vp, stride, ent + 2 * e, nvalid);
+  GatherRowPairs<T, D, Rows, KN, THREADS>(sK, sV, kp, vp, stride, ent + 2 * e, nvalid);
   const int tid = threadIdx.x;
   if (bias != nullptr && tid < KN) {
     const int chunk = tid >> 4;
@@ -289,6 +299,125 @@ __device__ __forceinline__ void PackA(uint32_t (&a)[4], const float (&lo)[4],
 // ---------------------------------------------------------------------------------------------
 // Tensor-core forward.
 
+// One step of the forward's online softmax for a 16-row m-tile. The step's scores s (NT
+// n-tiles of 8 keys: raw products when `raw`, see the forward kernel) are masked where the step
+// is partial, and scaled and biased unless raw; the rows' maxima m and sums l and their outputs
+// o are rescaled to the new maxima; s is left holding the unnormalised probabilities.
+// step_bias: the step's key bias in shared memory, or nullptr.
+template <int NT, int DN>
+__device__ __forceinline__ void OnlineSoftmaxStep(const SparseAttentionParams& p,
+                                                  float (&s)[NT][4], float (&o)[DN][4],
+                                                  float (&m)[2], float (&l)[2], bool partial,
+                                                  bool raw, float sl, float to_log2,
+                                                  const float* step_bias, const int (&ks)[NT / 2],
+                                                  const int32_t (&info)[NT / 2],
+                                                  const int (&sub)[2], const int (&row_i)[2],
+                                                  int t4) {
+  float mx[2] = {-kInf, -kInf};
+  Specialize(partial, raw, [&](auto masked, auto unscaled) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        float v = s[n][x];
+        if constexpr (!unscaled) {
+          v *= sl;
+          if (step_bias != nullptr) v += step_bias[n * 8 + 2 * t4 + (x & 1)] * kLog2e;
+        }
+        if constexpr (masked) {
+          const int c = n >> 1;
+          const int j = StepToken(ks, n, x, t4);
+          if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
+        }
+        s[n][x] = v;
+        mx[x >> 1] = fmaxf(mx[x >> 1], v);
+      }
+    }
+  });
+  float m_use[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(m[r], mx[r] * to_log2);
+    m_use[r] = m_new == -kInf ? 0.f : m_new;
+    const float alpha = FastExp2(m[r] - m_use[r]);
+    m[r] = m_new;
+    l[r] *= alpha;
+#pragma unroll
+    for (int n = 0; n < DN; ++n) {
+      o[n][2 * r] *= alpha;
+      o[n][2 * r + 1] *= alpha;
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const float pv = FastExp2(fmaf(s[n][x], to_log2, -m_use[x >> 1]));
+      s[n][x] = pv;
+      l[x >> 1] += pv;
+    }
+  }
+}
+
+// Writes a 16-row m-tile's outputs, normalised by the row sums, and lse (natural log) at
+// lse_row0 + row; rows past q_len are skipped.
+template <ElementType E, int DN>
+__device__ __forceinline__ void WriteForwardRows(const SparseAttentionParams& p,
+                                                 typename Elem<E>::T* out, int64_t stride,
+                                                 int64_t lse_row0, const float (&o)[DN][4],
+                                                 const float (&m)[2], const float (&l)[2],
+                                                 const int (&row_i)[2], int t4) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = l[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int i = row_i[r];
+    if (i >= p.q_len) continue;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+    for (int n = 0; n < DN; ++n) {
+      *reinterpret_cast<uint32_t*>(out + i * stride + n * 8 + 2 * t4) =
+          Elem<E>::Pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    }
+    if (t4 == 0) p.lse[lse_row0 + i] = sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -kInf;
+  }
+}
+
+// Where a forward CTA works: its tile of ROWS queries (causal rows late in the sequence carry
+// the most work, so they start first, tile-major over (batch, head) so that the heaviest tiles
+// of every head go in the first waves), its (batch, head), the bases of its q, k, v, out and
+// key bias, and its span [e0, e1) of work-list entries.
+template <typename T, int D, int ROWS>
+struct ForwardCta {
+  int bh, q0, e0, e1;
+  int64_t stride;  // between tokens of one tensor
+  const T *q, *k, *v;
+  T* out;
+  const float* bias;
+
+  __device__ __forceinline__ ForwardCta(const SparseAttentionParams& p, const TileWork& w) {
+    const int bhs = p.batch * p.heads, tiles = (p.q_len + ROWS - 1) / ROWS;
+    const int tile = tiles - 1 - static_cast<int>(blockIdx.x / bhs);
+    bh = blockIdx.x % bhs;
+    const int b = bh / p.heads, h = bh % p.heads;
+    q0 = tile * ROWS;
+    stride = static_cast<int64_t>(p.heads) * D;
+    const int64_t q_base = static_cast<int64_t>(b) * p.q_len * stride + h * D;
+    const int64_t kv_base = static_cast<int64_t>(b) * p.kv_len * stride + h * D;
+    q = static_cast<const T*>(p.q) + q_base;
+    k = static_cast<const T*>(p.k) + kv_base;
+    v = static_cast<const T*>(p.v) + kv_base;
+    out = static_cast<T*>(p.out) + q_base;
+    bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
+    const int32_t* list = w.q_offsets + p.layout_head(h) * tiles + tile;
+    e0 = list[0];
+    e1 = list[1];
+  }
+};
+
 template <int D, int ROWS>
 struct FwdConfig {
   static constexpr int kRows = ROWS;  // kTile or kFwdTile
@@ -323,30 +452,22 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
   T* sV = sK + 2 * KN * S;
   float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
 
-  // Causal rows late in the sequence carry the most work: start them first, tile-major over
-  // (batch, head) so that the heaviest tiles of every head go in the first waves.
-  const int bhs = p.batch * p.heads, tiles = (p.q_len + ROWS - 1) / ROWS;
-  const int tile = tiles - 1 - static_cast<int>(blockIdx.x / bhs), bh = blockIdx.x % bhs;
-  const int b = bh / p.heads, h = bh % p.heads;
-  const int lh = p.layout_head(h);
+  const ForwardCta<T, D, ROWS> cta(p, w);
+  const int bh = cta.bh, q0 = cta.q0, e0 = cta.e0, e1 = cta.e1;
+  const int64_t stride = cta.stride;
+  const T *qp = cta.q, *kp = cta.k, *vp = cta.v;
+  const float* bias = cta.bias;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int q0 = tile * ROWS;
-  const int64_t stride = static_cast<int64_t>(p.heads) * D;
-  const T* qp = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_len * stride + h * D;
-  const T* kp = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.kv_len * stride + h * D;
-  const T* vp = static_cast<const T*>(p.v) + static_cast<int64_t>(b) * p.kv_len * stride + h * D;
-  const float* bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
-  const int32_t* list = w.q_offsets + lh * tiles + tile;
-  const int e0 = list[0], e1 = list[1];
   const int ngroups = (e1 - e0 + 3) / 4;
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
-    LoadKeyStep<T, D, S, KN, TH>(sK + buf * KN * S, sV + buf * KN * S, sBias + buf * KN, kp,
-                                 vp, bias, stride, ent, e0 + grp * 4, e1);
+    LoadKeyStep<T, D, PaddedRows<S>, KN, TH>(sK + buf * KN * S, sV + buf * KN * S,
+                                             sBias + buf * KN, kp, vp, bias, stride, ent,
+                                             e0 + grp * 4, e1);
   };
 
-  LoadRows<T, D, S, ROWS, TH>(sQ, qp, stride, q0, p.q_len);
+  LoadRows<T, D, PaddedRows<S>, ROWS, TH>(sQ, qp, stride, q0, p.q_len);
   if (ngroups > 0) load_group(0, 0);
   CpAsyncCommit();
   CpAsyncWait<0>();
@@ -413,54 +534,11 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
       }
     }
 
+    const float* step_bias = bias != nullptr ? sBias + buf * KN : nullptr;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      float mx[2] = {-kInf, -kInf};
-      Specialize(partial, raw, [&](auto masked, auto unscaled) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-          for (int x = 0; x < 4; ++x) {
-            float v = s[mt][n][x];
-            if constexpr (!unscaled) {
-              v *= sl;
-              if (bias != nullptr) v += sBias[buf * KN + n * 8 + 2 * t4 + (x & 1)] * kLog2e;
-            }
-            if constexpr (masked) {
-              const int c = n >> 1;
-              const int j = StepToken(ks, n, x, t4);
-              if (!EntryAllows(p, info[c], sub[mt][x >> 1], row_i[mt][x >> 1], j)) v = -kInf;
-            }
-            s[mt][n][x] = v;
-            mx[x >> 1] = fmaxf(mx[x >> 1], v);
-          }
-        }
-      });
-      float m_use[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        const float m_new = fmaxf(m[mt][r], mx[r] * to_log2);
-        m_use[r] = m_new == -kInf ? 0.f : m_new;
-        const float alpha = FastExp2(m[mt][r] - m_use[r]);
-        m[mt][r] = m_new;
-        l[mt][r] *= alpha;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          o[mt][n][2 * r] *= alpha;
-          o[mt][n][2 * r + 1] *= alpha;
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          const float pv = FastExp2(fmaf(s[mt][n][x], to_log2, -m_use[x >> 1]));
-          s[mt][n][x] = pv;
-          l[mt][x >> 1] += pv;
-        }
-      }
+      OnlineSoftmaxStep(p, s[mt], o[mt], m[mt], l[mt], partial, raw, sl, to_log2, step_bias, ks,
+                        info, sub[mt], row_i[mt], t4);
     }
 #pragma unroll
     for (int kk = 0; kk < KN / 16; ++kk) {
@@ -480,27 +558,10 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
     }
   }
 
-  T* op = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.q_len * stride + h * D;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = l[mt][r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int i = row_i[mt][r];
-      if (i >= p.q_len) continue;
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        *reinterpret_cast<uint32_t*>(op + i * stride + n * 8 + 2 * t4) =
-            Elem<E>::Pack(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
-      }
-      if (t4 == 0) {
-        p.lse[static_cast<int64_t>(bh) * p.q_len + i] =
-            sum > 0.f ? (m[mt][r] + log2f(sum)) * kLn2 : -kInf;
-      }
-    }
+    WriteForwardRows<E>(p, cta.out, stride, static_cast<int64_t>(bh) * p.q_len, o[mt], m[mt],
+                        l[mt], row_i[mt], t4);
   }
 }
 
@@ -609,12 +670,13 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
-    LoadKeyStep<T, D, S, KN, TH>(sK + buf * KN * S, sV + buf * KN * S, sBias + buf * KN, kp,
-                                 vp, bias, stride, ent, e0 + grp * 4, e1);
+    LoadKeyStep<T, D, PaddedRows<S>, KN, TH>(sK + buf * KN * S, sV + buf * KN * S,
+                                             sBias + buf * KN, kp, vp, bias, stride, ent,
+                                             e0 + grp * 4, e1);
   };
 
-  LoadRows<T, D, S, kTile, TH>(sQ, qp, stride, q0, p.q_len);
-  LoadRows<T, D, S, kTile, TH>(sdO, dop, stride, q0, p.q_len);
+  LoadRows<T, D, PaddedRows<S>, kTile, TH>(sQ, qp, stride, q0, p.q_len);
+  LoadRows<T, D, PaddedRows<S>, kTile, TH>(sdO, dop, stride, q0, p.q_len);
   if (ngroups > 0) load_group(0, 0);
   CpAsyncCommit();
 
@@ -852,8 +914,8 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
   auto load_group = [&](int grp, int buf) {
     const int e = e0 + grp * NC;
     const int nvalid = min(NC, e1 - e);
-    GatherRowPairs<T, D, S, QN, TH>(sQ + buf * QN * S, sdO + buf * QN * S, qp, dop, stride,
-                                    ent + 2 * e, nvalid);
+    GatherRowPairs<T, D, PaddedRows<S>, QN, TH>(sQ + buf * QN * S, sdO + buf * QN * S, qp, dop,
+                                                stride, ent + 2 * e, nvalid);
     for (int idx = tid; idx < 2 * QN; idx += TH) {
       const int r = idx % QN;
       const int chunk = r >> 4;
@@ -877,8 +939,9 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
     for (int h = 0; h < 2; ++h) {
       const int first = halves[h];
       const int len = first < 0 ? 0 : p.kv_len;
-      LoadRows<T, D, S, kHalf, TH>(sK + h * kHalf * S, kp, stride, max(first, 0), len);
-      LoadRows<T, D, S, kHalf, TH>(sV + h * kHalf * S, vp, stride, max(first, 0), len);
+      using Rows = PaddedRows<S>;
+      LoadRows<T, D, Rows, kHalf, TH>(sK + h * kHalf * S, kp, stride, max(first, 0), len);
+      LoadRows<T, D, Rows, kHalf, TH>(sV + h * kHalf * S, vp, stride, max(first, 0), len);
     }
     const int half = warp / (kHalf / 16), first = halves[half];
 #pragma unroll
@@ -887,8 +950,8 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
       sub[r] = kHalfSubs * half + (first < 0 ? 0 : row_j[r] / p.block_size - first / p.block_size);
     }
   } else {
-    LoadRows<T, D, S, KT, TH>(sK, kp, stride, k0, p.kv_len);
-    LoadRows<T, D, S, KT, TH>(sV, vp, stride, k0, p.kv_len);
+    LoadRows<T, D, PaddedRows<S>, KT, TH>(sK, kp, stride, k0, p.kv_len);
+    LoadRows<T, D, PaddedRows<S>, KT, TH>(sV, vp, stride, k0, p.kv_len);
     const int sub0 = k0 / p.block_size;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -1041,9 +1104,16 @@ inline const char* FlatGrid(int64_t tiles, const SparseAttentionParams& p, dim3*
   return nullptr;
 }
 
+// The sm_90a forward at head_dim 64 (sparse_attention_kernels_sm90.cuh).
+template <ElementType E>
+const char* WgmmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream);
+
 template <ElementType E, int D>
 const char* MmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
   using T = typename Elem<E>::T;
+  if constexpr (D == 64) {
+    if (w.wgmma) return WgmmaForwardImpl<E>(p, w, stream);
+  }
   dim3 grid;
   if (const char* err = FlatGrid(ForwardTiles(p, w), p, &grid)) return err;
   if (w.query_tile == kFwdTile) {
@@ -1336,5 +1406,7 @@ const char* SimtBackwardImpl(const SparseAttentionParams& p, const TileWork& w, 
 }  // namespace detail
 }  // namespace gpu
 }  // namespace tf_sparse_attn
+
+#include "cc/kernels/sparse_attention_kernels_sm90.cuh"
 
 #endif  // TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_KERNELS_CUH_

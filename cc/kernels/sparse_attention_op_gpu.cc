@@ -185,6 +185,20 @@ Status UseAtomicDq(const SparseAttentionParams& p, int key_tile, bool* atomic) {
   return ::tensorflow::OkStatus();
 }
 
+// Whether the forward runs on warpgroup products (sm_90a, head_dim 64) where the build and the
+// device allow: TF_SPARSE_ATTN_GPU_WGMMA=0 keeps the sm_80 kernel, for comparison.
+Status UseWgmma(bool* wgmma) {
+  *wgmma = false;
+  const char* mode = std::getenv("TF_SPARSE_ATTN_GPU_WGMMA");
+  if (mode != nullptr && mode[0] != '\0' && std::strcmp(mode, "0") != 0 &&
+      std::strcmp(mode, "1") != 0) {
+    return ::tensorflow::errors::InvalidArgument("TF_SPARSE_ATTN_GPU_WGMMA = '", mode,
+                                                 "' must be '0', '1' or unset");
+  }
+  *wgmma = (mode == nullptr || std::strcmp(mode, "0") != 0) && gpu::WgmmaAvailable();
+  return ::tensorflow::OkStatus();
+}
+
 Status CheckSupported(const SparseAttentionParams& p) {
   const char* why = nullptr;
   if (!gpu::Supported(p, &why)) return ::tensorflow::errors::InvalidArgument(why);
@@ -207,6 +221,7 @@ struct SparseAttentionRunner<GPUDevice> {
     w.q_offsets = base;
     w.q_entries = base + q.entries_at;
     w.query_tile = q.tile_rows;
+    TF_RETURN_IF_ERROR(UseWgmma(&w.wgmma));
     if (const char* err = gpu::LaunchForward(p, w, RawStream(ctx)))
       return KernelError("BlockSparseAttention GPU kernel", err);
     return ::tensorflow::OkStatus();

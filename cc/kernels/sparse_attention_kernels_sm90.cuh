@@ -1,0 +1,294 @@
+// The forward kernel on Hopper's warpgroup products (wgmma, sm_90a), head_dim 64: included by
+// sparse_attention_kernels.cuh after the helpers it shares with the sm_80 forward (the gathers,
+// the step reader, the online softmax and the epilogue).
+//
+// Where the sm_80 forward has every warp load each K and V fragment from shared memory with
+// ldmatrix and issue 16x8 products one at a time, a warpgroup (four warps, 64 query rows) here
+// issues one asynchronous 64x64x16 product that reads its operands from shared memory itself.
+// Q, K and V are loaded in the layout the tensor cores read (128-byte rows in the 128-byte
+// swizzle); the scores come back in mma.sync's accumulator layout, so that the softmax code is
+// shared, and the probabilities go into P V from registers.
+//
+// The kernels compile to nothing for other targets; the host runs them only where
+// WgmmaAvailable() says the build carries sm_90a code and the device is compute capability 9.0.
+#ifndef TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_KERNELS_SM90_CUH_
+#define TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_KERNELS_SM90_CUH_
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TSA_WGMMA_DEVICE 1
+#endif
+
+namespace tf_sparse_attn {
+namespace gpu {
+namespace detail {
+
+// 64-element (128-byte) rows in the 128-byte swizzle that wgmma reads: piece c of row r goes
+// to piece c ^ (r % 8) of its row; tiles start at multiples of 1024 bytes.
+struct Swizzled128Rows {
+  static __device__ __forceinline__ int At(int r, int c) { return r * 64 + ((c ^ (r & 7)) << 3); }
+};
+
+// Shared-memory matrix descriptor of a 128-byte-swizzled tile for wgmma: the tile's address
+// in 16-byte units (bits 0-13), the leading-dimension offset (bits 16-29: unused by a K-major
+// tile, and by an N-major one of one 128-byte row, set to 16 bytes), the stride between groups
+// of 8 rows (bits 32-45: 1024 bytes) and the swizzle mode (bits 62-63: 1 = 128 bytes).
+// Advancing along a K-major row by 16 elements adds 32 bytes to the address, which the
+// hardware swizzles like the stores did.
+__device__ __forceinline__ uint64_t SwizzledTileDesc(const void* tile) {
+  return static_cast<uint64_t>((SmemAddr(tile) & 0x3FFFF) >> 4) | (uint64_t{16 >> 4} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// Orders this thread's ordinary shared-memory writes (cp.async included) before reads by the
+// tensor cores' asynchronous proxy.
+__device__ __forceinline__ void FenceSharedForAsyncProxy() {
+#if defined(TSA_WGMMA_DEVICE)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// The step loop's barrier (NextStep) for kernels whose tensor cores read the loaded tiles.
+__device__ __forceinline__ void NextStepForAsyncProxy() {
+  CpAsyncWait<0>();
+  FenceSharedForAsyncProxy();
+  __syncthreads();
+}
+
+// Register operands (A and accumulators) written by ordinary instructions before the
+// asynchronous products that read them.
+__device__ __forceinline__ void WgmmaFence() {
+#if defined(TSA_WGMMA_DEVICE)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WgmmaCommit() {
+#if defined(TSA_WGMMA_DEVICE)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+// Waits for every product this warpgroup has committed.
+__device__ __forceinline__ void WgmmaWaitAll() {
+#if defined(TSA_WGMMA_DEVICE)
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// Keeps the compiler from moving ordinary accesses of the products' register operands across
+// WgmmaFence or WgmmaWaitAll (which name no registers): the instructions that write them
+// before a fence, and those that read the results after a wait, stay on their side of it.
+template <int N>
+__device__ __forceinline__ void PinRegisters(float (&d)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) asm volatile("" : "+f"(d[n][x])::"memory");
+  }
+}
+template <int N>
+__device__ __forceinline__ void PinRegisters(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) asm volatile("" : "+r"(a[n][x])::"memory");
+  }
+}
+
+// The 64x64 float32 accumulator of a warpgroup product as inline-assembly operands %0-%31,
+// d[n][x] being register 4 n + x of the instruction's list.
+#define TSA_WGMMA_ACC_LIST                                                                     \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                    \
+  "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}"
+#define TSA_WGMMA_ACC_OPERANDS(d)                                                              \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),    \
+      "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]),               \
+      "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),               \
+      "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),               \
+      "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]),               \
+      "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+
+// d (+)= a b for the warpgroup: a 64x16 A from registers (each warp its 16 rows, in mma.sync's
+// A fragment layout), a 16x64 B from the swizzled tile at desc_b, N-major (rows B[k][.], as
+// V's rows are). d is 64x64 float32, each warp's 16 rows in mma.sync's accumulator layout per
+// 8 columns. accumulate == false overwrites d.
+template <ElementType E>
+__device__ __forceinline__ void Wgmma64x64x16NMajorB(float (&d)[8][4], const uint32_t (&a)[4],
+                                                     uint64_t desc_b, bool accumulate) {
+#if defined(TSA_WGMMA_DEVICE)
+#define TSA_WGMMA_ASM(TYPES)                                                                  \
+  asm volatile("{\n.reg .pred acc;\nsetp.ne.b32 acc, %37, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPES " " TSA_WGMMA_ACC_LIST      \
+               ", {%32,%33,%34,%35}, %36, acc, 1, 1, 1;\n}\n"                                  \
+               : TSA_WGMMA_ACC_OPERANDS(d)                                                    \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),                     \
+                 "r"(accumulate ? 1 : 0))
+  if constexpr (E == ElementType::kBFloat16) {
+    TSA_WGMMA_ASM("bf16.bf16");
+  } else {
+    TSA_WGMMA_ASM("f16.f16");
+  }
+#undef TSA_WGMMA_ASM
+#endif
+}
+
+// d (+)= a b with both operands in swizzled tiles, K-major: A 64x16 at desc_a (the
+// warpgroup's 64 rows), B 16x64 at desc_b (rows B[.][k], as K's rows are). d as above.
+template <ElementType E>
+__device__ __forceinline__ void Wgmma64x64x16Shared(float (&d)[8][4], uint64_t desc_a,
+                                                    uint64_t desc_b, bool accumulate) {
+#if defined(TSA_WGMMA_DEVICE)
+#define TSA_WGMMA_ASM(TYPES)                                                                  \
+  asm volatile("{\n.reg .pred acc;\nsetp.ne.b32 acc, %34, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPES " " TSA_WGMMA_ACC_LIST      \
+               ", %32, %33, acc, 1, 1, 0, 0;\n}\n"                                             \
+               : TSA_WGMMA_ACC_OPERANDS(d)                                                    \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0))
+  if constexpr (E == ElementType::kBFloat16) {
+    TSA_WGMMA_ASM("bf16.bf16");
+  } else {
+    TSA_WGMMA_ASM("f16.f16");
+  }
+#undef TSA_WGMMA_ASM
+#endif
+}
+
+#undef TSA_WGMMA_ACC_OPERANDS
+#undef TSA_WGMMA_ACC_LIST
+
+template <int ROWS>
+struct WgmmaFwdConfig {
+  static constexpr int kD = 64;       // head_dim: one 128-byte swizzled row
+  static constexpr int kRows = ROWS;  // kFwdTile or kTile: one warpgroup per 64 rows
+  static constexpr int kThreads = 2 * ROWS;
+  static constexpr int kKeys = 64;
+  static constexpr int kTileElems = kKeys * kD;
+  // Two CTAs of two warpgroups per SM (16 warps): 128 registers a thread.
+  static constexpr int kMinBlocks = 4 * 64 / ROWS;
+  // Q, then K and V tiles (two of each), all swizzled and 1024-byte aligned (hence the slack),
+  // then the key bias.
+  static constexpr size_t SmemBytes(size_t elem) {
+    return 1024 + elem * (ROWS * kD + 4 * kTileElems) + sizeof(float) * 2 * kKeys;
+  }
+};
+
+// The forward (out, lse) with wgmma, head_dim 64: the sm_80 forward's grid, work lists, step
+// loop and softmax, with each warp holding 16 query rows.
+template <ElementType E, int ROWS>
+__global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
+                                  WgmmaFwdConfig<ROWS>::kMinBlocks)
+    WgmmaForwardKernel(const SparseAttentionParams p, const TileWork w) {
+#if defined(TSA_WGMMA_DEVICE)
+  using Cfg = WgmmaFwdConfig<ROWS>;
+  using T = typename Elem<E>::T;
+  constexpr int D = Cfg::kD, KN = Cfg::kKeys, NT = KN / 8, TH = Cfg::kThreads;
+  constexpr int TE = Cfg::kTileElems;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
+  T* sQ = reinterpret_cast<T*>(smem);  // [ROWS][D]
+  T* sK = sQ + ROWS * D;               // [2][KN][D]
+  T* sV = sK + 2 * TE;                 // [2][KN][D]
+  float* sBias = reinterpret_cast<float*>(sV + 2 * TE);
+
+  const ForwardCta<T, D, ROWS> cta(p, w);
+  const int bh = cta.bh, q0 = cta.q0, e0 = cta.e0, e1 = cta.e1;
+  const int64_t stride = cta.stride;
+  const T *qp = cta.q, *kp = cta.k, *vp = cta.v;
+  const float* bias = cta.bias;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int ngroups = (e1 - e0 + 3) / 4;
+  const int32_t* ent = w.q_entries;
+
+  auto load_group = [&](int grp, int buf) {
+    LoadKeyStep<T, D, Swizzled128Rows, KN, TH>(sK + buf * TE, sV + buf * TE, sBias + buf * KN,
+                                               kp, vp, bias, stride, ent, e0 + grp * 4, e1);
+  };
+
+  LoadRows<T, D, Swizzled128Rows, ROWS, TH>(sQ, qp, stride, q0, p.q_len);
+  if (ngroups > 0) load_group(0, 0);
+  CpAsyncCommit();
+  NextStepForAsyncProxy();
+
+  // The warp's rows are warp * 16 + (g, g + 8): warp % 4 of the warpgroup that holds rows
+  // 64 (warp / 4) ... of the tile. Q stays in shared memory as the products' A operand (held in
+  // registers across the loop, it lost them to the probabilities' fragments in ptxas's
+  // allocation: nvcc 13.0 reused them after the first step).
+  const uint64_t q_desc = SwizzledTileDesc(sQ + (warp / 4) * 64 * D);
+  float o[D / 8][4], s[NT][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+#pragma unroll
+  for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+  float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};
+  const int sub0 = q0 / p.block_size;
+  const int row_i[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  const int sub[2] = {row_i[0] / p.block_size - sub0, row_i[1] / p.block_size - sub0};
+  const float sl = p.scale * kLog2e;
+  const bool raw = bias == nullptr && sl > 0.f;  // see the sm_80 forward
+  const float to_log2 = raw ? sl : 1.f;
+
+  for (int grp = 0; grp < ngroups; ++grp) {
+    const int buf = grp & 1;
+    // Every warpgroup has waited for its products of the previous step, so that its buffers
+    // may be refilled.
+    if (grp > 0) NextStepForAsyncProxy();
+    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
+    CpAsyncCommit();
+
+    const int e = e0 + grp * 4;
+    int ks[4];
+    int32_t info[4];
+    const bool partial = ReadStep(ent, e, e1, ks, info);
+
+    const uint64_t k_desc = SwizzledTileDesc(sK + buf * TE);
+    PinRegisters(s);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {  // +32 bytes per 16 columns
+      Wgmma64x64x16Shared<E>(s, q_desc + 2 * kk, k_desc + 2 * kk, kk > 0);
+    }
+    WgmmaCommit();
+    WgmmaWaitAll();
+    PinRegisters(s);
+
+    OnlineSoftmaxStep(p, s, o, m, l, partial, raw, sl, to_log2,
+                      bias != nullptr ? sBias + buf * KN : nullptr, ks, info, sub, row_i, t4);
+
+    uint32_t pa[KN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < KN / 16; ++kk) PackA<E>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+    const uint64_t v_desc = SwizzledTileDesc(sV + buf * TE);
+    PinRegisters(o);
+    PinRegisters(pa);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < KN / 16; ++kk) {
+      Wgmma64x64x16NMajorB<E>(o, pa[kk], v_desc + kk * (16 * 128 >> 4), true);  // 16 V rows
+    }
+    WgmmaCommit();
+    WgmmaWaitAll();
+    PinRegisters(o);
+  }
+
+  WriteForwardRows<E>(p, cta.out, stride, static_cast<int64_t>(bh) * p.q_len, o, m, l, row_i,
+                      t4);
+#endif
+}
+
+template <ElementType E>
+const char* WgmmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  using T = typename Elem<E>::T;
+  dim3 grid;
+  if (const char* err = FlatGrid(ForwardTiles(p, w), p, &grid)) return err;
+  if (w.query_tile == kFwdTile) {
+    using Cfg = WgmmaFwdConfig<kFwdTile>;
+    return Launch(WgmmaForwardKernel<E, kFwdTile>, grid, Cfg::SmemBytes(sizeof(T)), stream, p,
+                  w, Cfg::kThreads);
+  }
+  using Cfg = WgmmaFwdConfig<kTile>;
+  return Launch(WgmmaForwardKernel<E, kTile>, grid, Cfg::SmemBytes(sizeof(T)), stream, p, w,
+                Cfg::kThreads);
+}
+
+}  // namespace detail
+}  // namespace gpu
+}  // namespace tf_sparse_attn
+
+#endif  // TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_KERNELS_SM90_CUH_
