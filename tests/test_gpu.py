@@ -191,9 +191,9 @@ def test_deterministic(op_determinism, monkeypatch):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16], ids=lambda d: d.name)
-def test_sm80_forward(pattern, dtype, monkeypatch):
-    # On Hopper the head_dim 64 forward runs on warpgroup products; this keeps the sm_80 kernel,
-    # which other GPUs run, covered there too (64- and 128-row tiles, masks, key bias).
+def test_sm80_kernels(pattern, dtype, monkeypatch):
+    # On Hopper the head_dim 64 forward and dk/dv run on warpgroup products; this keeps the sm_80
+    # kernels, which other GPUs run, covered there too (64- and 128-row tiles, masks, key bias).
     monkeypatch.setenv("TF_SPARSE_ATTN_GPU_WGMMA", "0")
     check(pattern, dtype, 64, 16, seed=hash((pattern, dtype.name, "sm80")) % 2**31)
     check(pattern, dtype, 64, 32, key_mask=True, blocks=12, trim=9,
@@ -202,9 +202,9 @@ def test_sm80_forward(pattern, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16], ids=lambda d: d.name)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_head_dim_64_forward_many_steps(dtype, causal):
-    # 128-row query tiles walking many 64-key steps, with a key mask: whichever forward the GPU
-    # runs by default at head_dim 64.
+def test_head_dim_64_many_steps(dtype, causal):
+    # 128-row query tiles and 64-key tiles walking many steps, with a key mask: whichever kernels
+    # the GPU runs by default at head_dim 64.
     check("dense", dtype, 64, 64, causal, blocks=12, trim=29, heads=2, key_mask=True,
           seed=51 + causal, compare_cpu=False)
 

@@ -1,9 +1,9 @@
 // Kernel-only timing of the GPU launchers, without TensorFlow: CUDA-event time per call of the
-// forward (and of the sm_80 forward beside the sm_90a one, with the largest difference between
-// their outputs), the whole backward, dq alone and the backward with dq summed by the dk/dv
-// kernel (bf16, batch 2, 8 heads) on a layout written by dump_layouts.py, with the work lists
-// the op would build. Prints checksums of the outputs, so that two builds of the kernels can be
-// compared on the same inputs.
+// forward, the whole backward, dq alone and the backward with dq summed by the dk/dv kernel
+// (bf16, batch 2, 8 heads) on a layout written by dump_layouts.py, with the work lists the op
+// would build; where the sm_90a kernels run, the sm_80 ones too, with the largest differences
+// between their outputs. Prints checksums of the outputs, so that two builds of the kernels can
+// be compared on the same inputs.
 //
 //   kernel_timing LAYOUT.bin HEAD_DIM LABEL [wide|narrow|paired]
 //
@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 #include "bench/kernel_timing/layout_file.h"
@@ -116,7 +117,6 @@ int main(int argc, char** argv) {
   forward.query_tile = fwd_lists.tile_rows;
   forward.q_offsets = ToDevice(fwd_lists.offsets);
   forward.q_entries = ToDevice(fwd_lists.entries);
-  forward.wgmma = WgmmaAvailable();
   backward.q_offsets = ToDevice(dq_lists.offsets);
   backward.q_entries = ToDevice(dq_lists.entries);
   backward.key_tile = key_lists.tile_rows;
@@ -164,50 +164,73 @@ int main(int argc, char** argv) {
     cudaEventElapsedTime(&ms, start, stop);
     return ms / reps;
   };
-  // The sm_80 forward too where the sm_90a one runs by default: its time, and the largest
-  // difference between the two outputs.
-  float fwd_sm80 = 0.f;
-  std::vector<float> out_sm80;
-  if (forward.wgmma) {
-    TileWork sm80 = forward;
-    sm80.wgmma = false;
-    fwd_sm80 = time_ms([&] { return LaunchForward(p, sm80, nullptr); });
+  // Where the sm_90a kernels run by default, the sm_80 ones run first on the same inputs: their
+  // times, and the largest difference of each output from theirs, relative to the largest
+  // element of the sm_80 output.
+  const bool wgmma = WgmmaAvailable();
+  forward.wgmma = backward.wgmma = wgmma;
+  TileWork fused = backward;  // dq summed into a float32 accumulator by the dk/dv kernel
+  CHECK_CUDA(cudaMalloc(&fused.dq_accum, n * 4));
+  auto sm80 = [](TileWork work) {
+    work.wgmma = false;
+    return work;
+  };
+  auto outputs = [&](std::initializer_list<const __nv_bfloat16*> tensors) {
     CHECK_CUDA(cudaDeviceSynchronize());
-    out_sm80 = ToHost(o, n);
-  }
-  const float fwd = time_ms([&] { return LaunchForward(p, forward, nullptr); });
-  double out_diff = 0.0;
-  if (!out_sm80.empty()) {
-    CHECK_CUDA(cudaDeviceSynchronize());
-    const std::vector<float> out = ToHost(o, n);
-    for (size_t i = 0; i < n; ++i) {
-      out_diff = std::max(out_diff, double(std::fabs(out[i] - out_sm80[i])));
+    std::vector<std::vector<float>> all;
+    for (const __nv_bfloat16* t : tensors) all.push_back(ToHost(t, n));
+    return all;
+  };
+  auto rel_diff = [](const std::vector<float>& a, const std::vector<float>& ref) {
+    double diff = 0.0, scale = 0.0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      diff = std::max(diff, double(std::fabs(a[i] - ref[i])));
+      scale = std::max(scale, double(std::fabs(ref[i])));
     }
+    return scale > 0.0 ? diff / scale : diff;
+  };
+  float fwd_sm80 = 0.f, bwd_sm80 = 0.f, fused_sm80 = 0.f;
+  std::vector<std::vector<float>> ref_fwd, ref_bwd, ref_fused;
+  if (wgmma) {
+    fwd_sm80 = time_ms([&] { return LaunchForward(p, sm80(forward), nullptr); });
+    ref_fwd = outputs({o});
+    bwd_sm80 = time_ms([&] { return LaunchBackward(p, sm80(backward), nullptr); });
+    ref_bwd = outputs({dq, dk, dv});
+    fused_sm80 = time_ms([&] { return LaunchBackward(p, sm80(fused), nullptr); });
+    ref_fused = outputs({dq, dk, dv});
   }
+  double diffs[7] = {0, 0, 0, 0, 0, 0, 0};  // out; dq, dk, dv; accumulator dq, dk, dv
+  auto compare = [&](const std::vector<std::vector<float>>& ref,
+                     std::initializer_list<const __nv_bfloat16*> tensors, double* diff) {
+    if (ref.empty()) return;
+    const std::vector<std::vector<float>> got = outputs(tensors);
+    for (size_t t = 0; t < got.size(); ++t) diff[t] = rel_diff(got[t], ref[t]);
+  };
+  const float fwd = time_ms([&] { return LaunchForward(p, forward, nullptr); });
+  compare(ref_fwd, {o}, diffs);
+  const double out_sum = AbsSum(o, n);
   const float bwd = time_ms([&] { return LaunchBackward(p, backward, nullptr); });
+  compare(ref_bwd, {dq, dk, dv}, diffs + 1);
+  const double dq_sum = AbsSum(dq, n), dk_sum = AbsSum(dk, n), dv_sum = AbsSum(dv, n);
   float dq_only = 0.f;
   if (D == 64) dq_only = time_ms([&] { return LaunchDq<64>(p, backward); });
   if (D == 128) dq_only = time_ms([&] { return LaunchDq<128>(p, backward); });
-  CHECK_CUDA(cudaDeviceSynchronize());
-  const double dq_sum = AbsSum(dq, n), dk_sum = AbsSum(dk, n), dv_sum = AbsSum(dv, n);
-  // The backward with dq summed into a float32 accumulator by the dk/dv kernel.
-  TileWork fused = backward;
-  CHECK_CUDA(cudaMalloc(&fused.dq_accum, n * 4));
   const float bwd_fused = time_ms([&] { return LaunchBackward(p, fused, nullptr); });
+  compare(ref_fused, {dq, dk, dv}, diffs + 4);
   if (err != nullptr) {
     std::printf("%s: launch error %s\n", argv[3], err);
     return 1;
   }
   CHECK_CUDA(cudaDeviceSynchronize());
-  std::printf("%-24s d=%3d T=%6d tiles q%d k%d %s | fwd %7.3f (%s; sm80 %7.3f) | bwd %7.3f "
-              "(dq %7.3f dk/dv %7.3f) | fwd+bwd %7.3f ms | dq accumulator: bwd %7.3f fwd+bwd "
-              "%7.3f ms | sums out %.6e (max diff from sm80 %.2e) dq %.6e dk %.6e dv %.6e | "
-              "accumulator dq %.6e dk %.6e dv %.6e\n",
+  std::printf("%-24s d=%3d T=%6d tiles q%d k%d %s %s | fwd %7.3f | bwd %7.3f (dq %7.3f dk/dv "
+              "%7.3f) | fwd+bwd %7.3f ms | dq accumulator: bwd %7.3f fwd+bwd %7.3f ms | sm80: "
+              "fwd %7.3f bwd %7.3f accumulator bwd %7.3f | max diff from sm80 / max: out %.1e "
+              "dq %.1e dk %.1e dv %.1e accumulator dq %.1e dk %.1e dv %.1e | sums out %.6e dq "
+              "%.6e dk %.6e dv %.6e | accumulator dq %.6e dk %.6e dv %.6e\n",
               argv[3], D, T, forward.query_tile, backward.key_tile,
-              KeyTilingName(KeyTilingOf(key_lists)), fwd, forward.wgmma ? "wgmma" : "sm80",
-              fwd_sm80, bwd, dq_only,
-              bwd - dq_only, fwd + bwd, bwd_fused, fwd + bwd_fused, AbsSum(o, n), out_diff, dq_sum,
-              dk_sum,
-              dv_sum, AbsSum(dq, n), AbsSum(dk, n), AbsSum(dv, n));
+              KeyTilingName(KeyTilingOf(key_lists)), wgmma ? "wgmma" : "sm80", fwd, bwd, dq_only,
+              bwd - dq_only, fwd + bwd, bwd_fused, fwd + bwd_fused, fwd_sm80, bwd_sm80,
+              fused_sm80, diffs[0], diffs[1], diffs[2], diffs[3], diffs[4], diffs[5], diffs[6],
+              out_sum, dq_sum, dk_sum, dv_sum, AbsSum(dq, n), AbsSum(dk, n), AbsSum(dv, n));
   return 0;
 }

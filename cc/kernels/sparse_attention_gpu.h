@@ -74,8 +74,8 @@ struct TileWork {
   // empty half; [layout_heads * KeyTiles(p, w) * 2].
   const int32_t* k_halves = nullptr;
   int query_tile = kTile;  // query rows of a forward tile that the q lists were built for
-  // Run the sm_90a forward (head_dim 64) rather than the sm_80 one: only where
-  // WgmmaAvailable().
+  // Run the sm_90a forward and dk/dv kernels (head_dim 64; dk/dv on 64-key tiles) rather than
+  // the sm_80 ones: only where WgmmaAvailable().
   bool wgmma = false;
   int key_tile = kTile;    // key rows of a dk/dv tile that the k lists were built for
   float* delta = nullptr;  // [batch, heads, q_len] scratch of the backward pass
@@ -171,11 +171,11 @@ HostWorkLists BuildKeyLists(const SparseAttentionParams& p, KeyTiling tiling);
 
 // Whether the backward pass is faster with dq summed in a float32 accumulator by the dk/dv
 // kernel (TileWork::dq_accum) for this problem and the key tile height its dk/dv lists were
-// built for. Measured on an H200 (bf16, T = 16384, d = 64, backward): dense causal 7.25 ->
-// 6.35 ms, fixed on paired key tiles 2.08 -> 1.78, local 0.350 -> 0.345, but strided 0.22 ->
-// 0.26 and fixed at T = 4096 0.21 -> 0.26: the accumulator's own passes (zeroing, delta,
-// conversion) and each step's extra barrier cost more than the two products they save where a
-// query attends few keys, and narrow key tiles have twice the steps.
+// built for. Measured on an H200 (bf16, T = 16384, d = 64, backward, sm_90a dk/dv): dense
+// causal 5.92 -> 4.80 ms, fixed on paired key tiles 1.72 -> 1.51, but local 0.328 -> 0.349,
+// strided 0.210 -> 0.270 and fixed at T = 4096 0.178 -> 0.186: the accumulator's own passes
+// (zeroing, delta, conversion) and each step's extra barrier cost more than the two products
+// they save where a query attends few keys, and narrow key tiles have twice the steps.
 bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile);
 
 // The tiling that key lists were built for, from their tile height and whether they carry

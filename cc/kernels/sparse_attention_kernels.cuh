@@ -2,7 +2,9 @@
 // (dtype, head size) so that the build parallelises and each unit stays small.
 //
 // Tensor-core path (float16, bfloat16): flash-attention style with mma.sync m16n8k16 (f32
-// accumulate), ldmatrix and cp.async, i.e. sm_80 instructions that also run on sm_90.
+// accumulate), ldmatrix and cp.async, i.e. sm_80 instructions that also run on sm_90. At
+// head_dim 64 on Hopper, the forward and (on 64-key tiles) dk/dv kernels of
+// sparse_attention_kernels_sm90.cuh, on warpgroup products, take their place.
 //   forward  one CTA per (128 or 64 query rows, batch*head), warps of 16 rows (32 on 128-row
 //            tiles at head_dim <= 64); key tiles of 64 gathered from the work list 16 rows at a
 //            time, double-buffered; online softmax in the log2 domain; writes out and lse.
@@ -864,6 +866,180 @@ __device__ __forceinline__ void FusedDqStep(const TileWork& w, const typename El
   }
 }
 
+// Where a dk/dv CTA works: its tile of KT keys and (batch, head), the bases of its tensors,
+// and its span [e0, e1) of work-list entries. Narrow and paired tiles (sparse columns, e.g. the
+// fixed pattern's summaries) go tile-major over (batch, head), so that the heaviest tiles of
+// every head start in the first waves instead of those of the last head starting last and
+// running alone. Wide tiles (dense-like layouts) go head-major, so that the CTAs in flight
+// share one head's Q and dO in L2: tile-major was 5% slower there (every head's Q and dO, 64 MB
+// at T=16384 and 16 heads, exceed the 50 MB L2).
+template <typename T, int D, int KT, KeyTiling kTiling>
+struct DkvCta {
+  int tiles, tile, b, bh, lh, k0, e0, e1;
+  int64_t stride;    // between tokens of one tensor
+  int64_t accum_bh;  // this head's dq sums in TileWork::dq_accum
+  const T *q, *d_out, *k, *v;
+  T *dk, *dv;
+  const float *lse, *delta;
+
+  __device__ __forceinline__ DkvCta(const SparseAttentionParams& p, const TileWork& w) {
+    constexpr bool kTileMajor = kTiling != KeyTiling::kWide;
+    const int bhs = p.batch * p.heads;
+    tiles = (p.kv_len + KT - 1) / KT;
+    tile = kTileMajor ? blockIdx.x / bhs : blockIdx.x % tiles;
+    bh = kTileMajor ? blockIdx.x % bhs : blockIdx.x / tiles;
+    b = bh / p.heads;
+    const int h = bh % p.heads;
+    lh = p.layout_head(h);
+    k0 = tile * KT;
+    stride = static_cast<int64_t>(p.heads) * D;
+    const int64_t qoff = static_cast<int64_t>(b) * p.q_len * stride + h * D;
+    const int64_t koff = static_cast<int64_t>(b) * p.kv_len * stride + h * D;
+    q = static_cast<const T*>(p.q) + qoff;
+    d_out = static_cast<const T*>(p.d_out) + qoff;
+    k = static_cast<const T*>(p.k) + koff;
+    v = static_cast<const T*>(p.v) + koff;
+    dk = static_cast<T*>(p.dk) + koff;
+    dv = static_cast<T*>(p.dv) + koff;
+    lse = p.lse + static_cast<int64_t>(bh) * p.q_len;
+    delta = w.delta + static_cast<int64_t>(bh) * p.q_len;
+    accum_bh = static_cast<int64_t>(bh) * p.q_len * D;
+    const int32_t* list = w.k_offsets + lh * tiles + tile;
+    e0 = list[0];
+    e1 = list[1];
+    halves = kTiling == KeyTiling::kPaired
+                 ? w.k_halves + 2 * (static_cast<int64_t>(lh) * tiles + tile)
+                 : nullptr;
+  }
+
+  // Paired tiles: the first key of each half, -1 for an empty one.
+  const int32_t* halves;
+
+  // The warp's key rows (16 of them, as rows g and g + 8 of the lane: -1 in an empty half) and
+  // their layout rows relative to the tile's (or half's) first, as the entries' info counts
+  // them.
+  __device__ __forceinline__ void WarpRows(const SparseAttentionParams& p, int warp, int g,
+                                           int (&row_j)[2], int (&sub)[2]) const {
+    if constexpr (kTiling == KeyTiling::kPaired) {
+      constexpr int kHalf = kNarrowKeyTile;
+      const int half = warp / (kHalf / 16), first = halves[half];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        row_j[r] = first < 0 ? -1 : first + (warp % (kHalf / 16)) * 16 + g + 8 * r;
+        sub[r] = kHalfSubs * half +
+                 (first < 0 ? 0 : row_j[r] / p.block_size - first / p.block_size);
+      }
+    } else {
+      const int sub0 = k0 / p.block_size;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        row_j[r] = k0 + warp * 16 + g + 8 * r;
+        sub[r] = row_j[r] / p.block_size - sub0;
+      }
+    }
+  }
+
+  // The key bias of the lane's two rows, in log2 units (0 without a bias).
+  __device__ __forceinline__ void KeyBias2(const SparseAttentionParams& p, const int (&row_j)[2],
+                                           float (&bias2)[2]) const {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      bias2[r] = 0.f;
+      if (p.key_bias != nullptr && row_j[r] >= 0 && row_j[r] < p.kv_len)
+        bias2[r] = p.key_bias[static_cast<int64_t>(b) * p.kv_len + row_j[r]] * kLog2e;
+    }
+  }
+};
+
+// Loads a dk/dv CTA's K and V rows, laid out as Rows: KT contiguous keys, or a paired tile's
+// two halves (an empty half zero-filled).
+template <typename T, int D, typename Rows, int KT, int THREADS, KeyTiling kTiling>
+__device__ __forceinline__ void LoadKeyTile(T* sK, T* sV, const DkvCta<T, D, KT, kTiling>& cta,
+                                            int kv_len) {
+  if constexpr (kTiling == KeyTiling::kPaired) {
+    constexpr int kHalf = kNarrowKeyTile;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int first = cta.halves[h];
+      const int len = first < 0 ? 0 : kv_len;
+      const int at = Rows::At(h * kHalf, 0);
+      LoadRows<T, D, Rows, kHalf, THREADS>(sK + at, cta.k, cta.stride, max(first, 0), len);
+      LoadRows<T, D, Rows, kHalf, THREADS>(sV + at, cta.v, cta.stride, max(first, 0), len);
+    }
+  } else {
+    LoadRows<T, D, Rows, KT, THREADS>(sK, cta.k, cta.stride, cta.k0, kv_len);
+    LoadRows<T, D, Rows, KT, THREADS>(sV, cta.v, cta.stride, cta.k0, kv_len);
+  }
+}
+
+// The lse and delta of a dk/dv step's QN gathered queries (chunks >= nvalid zero-filled).
+template <int QN, int THREADS>
+__device__ __forceinline__ void LoadQueryStats(float* sLse, float* sDelta, const float* lse,
+                                               const float* delta, const int32_t* ent, int e,
+                                               int nvalid) {
+  for (int idx = threadIdx.x; idx < 2 * QN; idx += THREADS) {
+    const int r = idx % QN;
+    const int chunk = r >> 4;
+    const bool valid = chunk < nvalid;
+    const int token = valid ? ent[2 * (e + chunk)] + (r & 15) : 0;
+    if (idx < QN) {
+      CpAsync4(sLse + r, lse + token, valid ? 4 : 0);
+    } else {
+      CpAsync4(sDelta + r, delta + token, valid ? 4 : 0);
+    }
+  }
+}
+
+// A dk/dv step's S^T and dP^T (the warp's 16 key rows by NT n-tiles of 8 queries) become P^T
+// and dS^T = P^T (dP^T - delta), masked where the step is partial. cLse and cDelta: the step's
+// queries' lse and delta.
+template <int NT>
+__device__ __forceinline__ void TransposedProbabilities(
+    const SparseAttentionParams& p, float (&s)[NT][4], float (&dp)[NT][4], bool partial,
+    float sl, const float (&bias2)[2], const float* cLse, const float* cDelta,
+    const int (&qs)[NT / 2], const int32_t (&info)[NT / 2], const int (&sub)[2],
+    const int (&row_j)[2], int t4) {
+  Specialize(partial, [&](auto masked) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int col = n * 8 + 2 * t4 + (x & 1);
+        float v = fmaf(s[n][x], sl, bias2[x >> 1] - Lse2(cLse[col]));
+        if constexpr (masked) {
+          const int c = n >> 1;
+          const int i = StepToken(qs, n, x, t4);
+          if (!EntryAllows(p, info[c], sub[x >> 1], i, row_j[x >> 1])) v = -kInf;
+        }
+        const float pv = FastExp2(v);
+        s[n][x] = pv;
+        dp[n][x] = pv * (dp[n][x] - cDelta[col]);
+      }
+    }
+  });
+}
+
+// Writes the warp's rows of dk (scaled) and dv.
+template <ElementType E, int D, int KT, KeyTiling kTiling>
+__device__ __forceinline__ void WriteKeyRows(const SparseAttentionParams& p,
+                                             const DkvCta<typename Elem<E>::T, D, KT, kTiling>& cta,
+                                             const float (&dk)[D / 8][4],
+                                             const float (&dv)[D / 8][4], const int (&row_j)[2],
+                                             int t4) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = row_j[r];
+    if (j < 0 || j >= p.kv_len) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(cta.dk + j * cta.stride + n * 8 + 2 * t4) =
+          Elem<E>::Pack(dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(cta.dv + j * cta.stride + n * 8 + 2 * t4) =
+          Elem<E>::Pack(dv[n][2 * r], dv[n][2 * r + 1]);
+    }
+  }
+}
+
 // kFusedDq: also adds dS K into w.dq_accum (see the top of this file).
 template <ElementType E, int D, KeyTiling kTiling, bool kFusedDq>
 __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
@@ -882,94 +1058,30 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
   float* sDelta = sLse + 2 * QN;
   T* sdS = reinterpret_cast<T*>(sDelta + 2 * QN);  // only when kFusedDq
 
-  // Narrow and paired tiles (sparse columns, e.g. the fixed pattern's summaries) go tile-major
-  // over (batch, head), so that the heaviest tiles of every head start in the first waves
-  // instead of those of the last head starting last and running alone. Wide tiles (dense-like
-  // layouts) go head-major, so that the CTAs in flight share one head's Q and dO in L2:
-  // tile-major was 5% slower there (every head's Q and dO, 64 MB at T=16384 and 16 heads,
-  // exceed the 50 MB L2).
-  constexpr bool kTileMajor = kTiling != KeyTiling::kWide;
-  const int bhs = p.batch * p.heads, tiles = (p.kv_len + KT - 1) / KT;
-  const int tile = kTileMajor ? blockIdx.x / bhs : blockIdx.x % tiles;
-  const int bh = kTileMajor ? blockIdx.x % bhs : blockIdx.x / tiles;
-  const int b = bh / p.heads, h = bh % p.heads;
-  const int lh = p.layout_head(h);
+  const DkvCta<T, D, KT, kTiling> cta(p, w);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int k0 = tile * KT;
-  const int64_t stride = static_cast<int64_t>(p.heads) * D;
-  const int64_t qoff = static_cast<int64_t>(b) * p.q_len * stride + h * D;
-  const int64_t koff = static_cast<int64_t>(b) * p.kv_len * stride + h * D;
-  const T* qp = static_cast<const T*>(p.q) + qoff;
-  const T* dop = static_cast<const T*>(p.d_out) + qoff;
-  const T* kp = static_cast<const T*>(p.k) + koff;
-  const T* vp = static_cast<const T*>(p.v) + koff;
-  const float* lsep = p.lse + static_cast<int64_t>(bh) * p.q_len;
-  const float* deltap = w.delta + static_cast<int64_t>(bh) * p.q_len;
-  const int64_t accum_bh = static_cast<int64_t>(bh) * p.q_len * D;  // this head's dq sums
-  const int32_t* list = w.k_offsets + lh * tiles + tile;
-  const int e0 = list[0], e1 = list[1];
+  const int64_t stride = cta.stride;
+  const int e0 = cta.e0, e1 = cta.e1;
   const int ngroups = (e1 - e0 + NC - 1) / NC;
   const int32_t* ent = w.k_entries;
 
   auto load_group = [&](int grp, int buf) {
     const int e = e0 + grp * NC;
     const int nvalid = min(NC, e1 - e);
-    GatherRowPairs<T, D, PaddedRows<S>, QN, TH>(sQ + buf * QN * S, sdO + buf * QN * S, qp, dop,
-                                                stride, ent + 2 * e, nvalid);
-    for (int idx = tid; idx < 2 * QN; idx += TH) {
-      const int r = idx % QN;
-      const int chunk = r >> 4;
-      const bool valid = chunk < nvalid;
-      const int token = valid ? ent[2 * (e + chunk)] + (r & 15) : 0;
-      if (idx < QN) {
-        CpAsync4(sLse + buf * QN + r, lsep + token, valid ? 4 : 0);
-      } else {
-        CpAsync4(sDelta + buf * QN + r, deltap + token, valid ? 4 : 0);
-      }
-    }
+    GatherRowPairs<T, D, PaddedRows<S>, QN, TH>(sQ + buf * QN * S, sdO + buf * QN * S, cta.q,
+                                                cta.d_out, stride, ent + 2 * e, nvalid);
+    LoadQueryStats<QN, TH>(sLse + buf * QN, sDelta + buf * QN, cta.lse, cta.delta, ent, e,
+                           nvalid);
   };
 
-  // The warp's key rows (-1 in an empty half) and their layout rows relative to the tile's (or
-  // half's) first, as the entries' info counts them.
+  LoadKeyTile<T, D, PaddedRows<S>, KT, TH>(sK, sV, cta, p.kv_len);
   int row_j[2], sub[2];
-  if constexpr (kTiling == KeyTiling::kPaired) {
-    constexpr int kHalf = kNarrowKeyTile;
-    const int32_t* halves = w.k_halves + 2 * (static_cast<int64_t>(lh) * tiles + tile);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int first = halves[h];
-      const int len = first < 0 ? 0 : p.kv_len;
-      using Rows = PaddedRows<S>;
-      LoadRows<T, D, Rows, kHalf, TH>(sK + h * kHalf * S, kp, stride, max(first, 0), len);
-      LoadRows<T, D, Rows, kHalf, TH>(sV + h * kHalf * S, vp, stride, max(first, 0), len);
-    }
-    const int half = warp / (kHalf / 16), first = halves[half];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_j[r] = first < 0 ? -1 : first + (warp % (kHalf / 16)) * 16 + g + 8 * r;
-      sub[r] = kHalfSubs * half + (first < 0 ? 0 : row_j[r] / p.block_size - first / p.block_size);
-    }
-  } else {
-    LoadRows<T, D, PaddedRows<S>, KT, TH>(sK, kp, stride, k0, p.kv_len);
-    LoadRows<T, D, PaddedRows<S>, KT, TH>(sV, vp, stride, k0, p.kv_len);
-    const int sub0 = k0 / p.block_size;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_j[r] = k0 + warp * 16 + g + 8 * r;
-      sub[r] = row_j[r] / p.block_size - sub0;
-    }
-  }
+  cta.WarpRows(p, warp, g, row_j, sub);
   if (ngroups > 0) load_group(0, 0);
   CpAsyncCommit();
 
-  float bias2[2] = {0.f, 0.f};
-  if (p.key_bias != nullptr) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (row_j[r] >= 0 && row_j[r] < p.kv_len)
-        bias2[r] = p.key_bias[static_cast<int64_t>(b) * p.kv_len + row_j[r]] * kLog2e;
-    }
-  }
+  float bias2[2];
+  cta.KeyBias2(p, row_j, bias2);
   const float sl = p.scale * kLog2e;
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -1015,25 +1127,8 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
         Mma<E>(dp[2 * np + 1], va, df[2], df[3]);
       }
     }
-    // s becomes P^T, dp becomes dS^T.
-    Specialize(partial, [&](auto masked) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          const int col = n * 8 + 2 * t4 + (x & 1);
-          float v = fmaf(s[n][x], sl, bias2[x >> 1] - Lse2(cLse[col]));
-          if constexpr (masked) {
-            const int c = n >> 1;
-            const int i = StepToken(qs, n, x, t4);
-            if (!EntryAllows(p, info[c], sub[x >> 1], i, row_j[x >> 1])) v = -kInf;
-          }
-          const float pv = FastExp2(v);
-          s[n][x] = pv;
-          dp[n][x] = pv * (dp[n][x] - cDelta[col]);
-        }
-      }
-    });
+    TransposedProbabilities(p, s, dp, partial, sl, bias2, cLse, cDelta, qs, info, sub, row_j,
+                            t4);
 #pragma unroll
     for (int kk = 0; kk < QN / 16; ++kk) {
       uint32_t pa[4], da[4];
@@ -1063,24 +1158,11 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
       // Every warp's rows of dS^T are in place. The next step's first barrier keeps them until
       // every warp has read them.
       __syncthreads();
-      FusedDqStep<E, D, kTiling>(w, sdS, sK, ent, e, e1, accum_bh, warp, lane);
+      FusedDqStep<E, D, kTiling>(w, sdS, sK, ent, e, e1, cta.accum_bh, warp, lane);
     }
   }
 
-  T* dkp = static_cast<T*>(p.dk) + koff;
-  T* dvp = static_cast<T*>(p.dv) + koff;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j = row_j[r];
-    if (j < 0 || j >= p.kv_len) continue;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(dkp + j * stride + n * 8 + 2 * t4) =
-          Elem<E>::Pack(dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dvp + j * stride + n * 8 + 2 * t4) =
-          Elem<E>::Pack(dv[n][2 * r], dv[n][2 * r + 1]);
-    }
-  }
+  WriteKeyRows<E>(p, cta, dk, dv, row_j, t4);
 }
 
 template <typename Kernel>
@@ -1126,9 +1208,19 @@ const char* MmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, vo
                 Cfg::kThreads);
 }
 
+// The sm_90a dk/dv kernel at head_dim 64 on 64-key tiles (sparse_attention_kernels_sm90.cuh).
+template <ElementType E, KeyTiling kTiling, bool kFusedDq>
+const char* WgmmaDkvImpl(const SparseAttentionParams& p, const TileWork& w, void* stream);
+
 template <ElementType E, int D, bool kFusedDq>
 const char* LaunchDkv(const SparseAttentionParams& p, const TileWork& w, void* stream) {
   using T = typename Elem<E>::T;
+  if constexpr (D == 64) {
+    if (w.wgmma && KeyTilingOf(w) == KeyTiling::kWide)
+      return WgmmaDkvImpl<E, KeyTiling::kWide, kFusedDq>(p, w, stream);
+    if (w.wgmma && KeyTilingOf(w) == KeyTiling::kPaired)
+      return WgmmaDkvImpl<E, KeyTiling::kPaired, kFusedDq>(p, w, stream);
+  }
   dim3 grid;
   if (const char* err = FlatGrid(KeyTiles(p, w), p, &grid)) return err;
   auto launch = [&](auto tiling) {

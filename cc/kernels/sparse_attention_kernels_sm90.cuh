@@ -1,6 +1,7 @@
-// The forward kernel on Hopper's warpgroup products (wgmma, sm_90a), head_dim 64: included by
-// sparse_attention_kernels.cuh after the helpers it shares with the sm_80 forward (the gathers,
-// the step reader, the online softmax and the epilogue).
+// The forward and dk/dv kernels on Hopper's warpgroup products (wgmma, sm_90a), head_dim 64:
+// included at the end of sparse_attention_kernels.cuh, whose helpers they share with the sm_80
+// kernels (the tile setup, the gathers, the step reader, the softmax, the masking and the
+// epilogues).
 //
 // Where the sm_80 forward has every warp load each K and V fragment from shared memory with
 // ldmatrix and issue 16x8 products one at a time, a warpgroup (four warps, 64 query rows) here
@@ -129,18 +130,21 @@ __device__ __forceinline__ void Wgmma64x64x16NMajorB(float (&d)[8][4], const uin
 #endif
 }
 
-// d (+)= a b with both operands in swizzled tiles, K-major: A 64x16 at desc_a (the
-// warpgroup's 64 rows), B 16x64 at desc_b (rows B[.][k], as K's rows are). d as above.
-template <ElementType E>
+// d (+)= a b with both operands in swizzled tiles: A 64x16 at desc_a (the warpgroup's 64
+// rows), K-major (rows A[m][.]) or, kMMajorA, M-major (rows A[k][.]); B 16x64 at desc_b,
+// K-major (rows B[n][.], as K's rows are in Q K^T) or, kNMajorB, N-major (rows B[k][.]).
+// d as above.
+template <ElementType E, bool kMMajorA = false, bool kNMajorB = false>
 __device__ __forceinline__ void Wgmma64x64x16Shared(float (&d)[8][4], uint64_t desc_a,
                                                     uint64_t desc_b, bool accumulate) {
 #if defined(TSA_WGMMA_DEVICE)
 #define TSA_WGMMA_ASM(TYPES)                                                                  \
   asm volatile("{\n.reg .pred acc;\nsetp.ne.b32 acc, %34, 0;\n"                               \
                "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPES " " TSA_WGMMA_ACC_LIST      \
-               ", %32, %33, acc, 1, 1, 0, 0;\n}\n"                                             \
+               ", %32, %33, acc, 1, 1, %35, %36;\n}\n"                                         \
                : TSA_WGMMA_ACC_OPERANDS(d)                                                    \
-               : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0))
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0), "n"(kMMajorA ? 1 : 0),     \
+                 "n"(kNMajorB ? 1 : 0))
   if constexpr (E == ElementType::kBFloat16) {
     TSA_WGMMA_ASM("bf16.bf16");
   } else {
@@ -285,6 +289,177 @@ const char* WgmmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, 
   using Cfg = WgmmaFwdConfig<kTile>;
   return Launch(WgmmaForwardKernel<E, kTile>, grid, Cfg::SmemBytes(sizeof(T)), stream, p, w,
                 Cfg::kThreads);
+}
+
+
+// The dk/dv kernel on warpgroup products, head_dim 64, for 64-key tiles (wide or paired): one
+// warpgroup of four warps, 16 keys each, as in the sm_80 kernel, whose tile setup, loads,
+// masking and epilogue it shares. Per step of 64 queries: S^T = K Q^T and dP^T = V dO^T from
+// the swizzled tiles; P^T and dS^T in registers become the A operands of dV += P^T dO and
+// dK += dS^T Q (dO and Q read N-major); with kFusedDq, dS^T also goes to a swizzled tile that
+// dq += dS K reads M-major, and each warp adds its 16 queries' dq to the accumulator.
+struct WgmmaDkvConfig {
+  static constexpr int kD = 64, kKeys = 64, kQueries = 64, kThreads = 128;
+  static constexpr int kTileElems = 64 * 64;
+  // K, V, Q and dO (two each), dS^T: seven swizzled tiles, 1024-byte aligned (hence the
+  // slack); then lse and delta of two steps.
+  static constexpr size_t SmemBytes(size_t elem) {
+    return 1024 + elem * 7 * kTileElems + sizeof(float) * 4 * kQueries;
+  }
+};
+
+template <ElementType E, KeyTiling kTiling, bool kFusedDq>
+__global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
+    WgmmaDkvKernel(const SparseAttentionParams p, const TileWork w) {
+#if defined(TSA_WGMMA_DEVICE)
+  using Cfg = WgmmaDkvConfig;
+  using T = typename Elem<E>::T;
+  constexpr int D = Cfg::kD, KT = Cfg::kKeys, QN = Cfg::kQueries, NT = QN / 8, NC = QN / 16;
+  constexpr int TH = Cfg::kThreads, TE = Cfg::kTileElems;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + TE;
+  T* sQ = sV + TE;        // [2][QN][D]
+  T* sdO = sQ + 2 * TE;   // [2][QN][D]
+  T* sdS = sdO + 2 * TE;  // dS^T [KT][QN], only when kFusedDq
+  float* sLse = reinterpret_cast<float*>(sdS + TE);
+  float* sDelta = sLse + 2 * QN;
+
+  const DkvCta<T, D, KT, kTiling> cta(p, w);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int64_t stride = cta.stride;
+  const int e0 = cta.e0, e1 = cta.e1;
+  const int ngroups = (e1 - e0 + NC - 1) / NC;
+  const int32_t* ent = w.k_entries;
+
+  auto load_group = [&](int grp, int buf) {
+    const int e = e0 + grp * NC;
+    const int nvalid = min(NC, e1 - e);
+    GatherRowPairs<T, D, Swizzled128Rows, QN, TH>(sQ + buf * TE, sdO + buf * TE, cta.q,
+                                                  cta.d_out, stride, ent + 2 * e, nvalid);
+    LoadQueryStats<QN, TH>(sLse + buf * QN, sDelta + buf * QN, cta.lse, cta.delta, ent, e,
+                           nvalid);
+  };
+
+  LoadKeyTile<T, D, Swizzled128Rows, KT, TH>(sK, sV, cta, p.kv_len);
+  int row_j[2], sub[2];
+  cta.WarpRows(p, warp, g, row_j, sub);
+  if (ngroups > 0) load_group(0, 0);
+  CpAsyncCommit();
+
+  float bias2[2];
+  cta.KeyBias2(p, row_j, bias2);
+  const float sl = p.scale * kLog2e;
+  float dk[D / 8][4], dv[D / 8][4], s[NT][4], dp[NT][4], dq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) dk[n][x] = dv[n][x] = s[n][x] = dp[n][x] = dq[n][x] = 0.f;
+  }
+  const uint64_t k_desc = SwizzledTileDesc(sK), v_desc = SwizzledTileDesc(sV);
+  const uint64_t ds_desc = SwizzledTileDesc(sdS);
+  constexpr int kRows16 = 16 * 128 >> 4;  // descriptor step over 16 rows of 128 bytes
+
+  for (int grp = 0; grp < ngroups; ++grp) {
+    const int buf = grp & 1;
+    // The step's loads have landed, and every warp has finished the previous step's products
+    // (and read dS^T), so that their buffers may be refilled.
+    NextStepForAsyncProxy();
+    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
+    CpAsyncCommit();
+
+    const int e = e0 + grp * NC;
+    int qs[NC];
+    int32_t info[NC];
+    const bool partial = ReadStep(ent, e, e1, qs, info);
+    const uint64_t q_desc = SwizzledTileDesc(sQ + buf * TE);
+    const uint64_t do_desc = SwizzledTileDesc(sdO + buf * TE);
+
+    PinRegisters(s);
+    PinRegisters(dp);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {  // +32 bytes per 16 columns
+      Wgmma64x64x16Shared<E>(s, k_desc + 2 * kk, q_desc + 2 * kk, kk > 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      Wgmma64x64x16Shared<E>(dp, v_desc + 2 * kk, do_desc + 2 * kk, kk > 0);
+    }
+    WgmmaCommit();
+    WgmmaWaitAll();
+    PinRegisters(s);
+    PinRegisters(dp);
+
+    TransposedProbabilities(p, s, dp, partial, sl, bias2, sLse + buf * QN, sDelta + buf * QN,
+                            qs, info, sub, row_j, t4);
+    uint32_t pa[QN / 16][4], da[QN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < QN / 16; ++kk) {
+      PackA<E>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+      PackA<E>(da[kk], dp[2 * kk], dp[2 * kk + 1]);
+    }
+    if constexpr (kFusedDq) {
+      // The warp's rows of dS^T, swizzled like the loaded tiles: columns 16 kk + 8 half.
+#pragma unroll
+      for (int kk = 0; kk < QN / 16; ++kk) {
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const int row = warp * 16 + g + 8 * (x & 1), piece = 2 * kk + (x >> 1);
+          *reinterpret_cast<uint32_t*>(sdS + Swizzled128Rows::At(row, piece) + 2 * t4) =
+              da[kk][x];
+        }
+      }
+      FenceSharedForAsyncProxy();
+      __syncthreads();
+    }
+    PinRegisters(dk);
+    PinRegisters(dv);
+    PinRegisters(pa);
+    PinRegisters(da);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < QN / 16; ++kk) {
+      Wgmma64x64x16NMajorB<E>(dv, pa[kk], do_desc + kk * kRows16, true);
+    }
+#pragma unroll
+    for (int kk = 0; kk < QN / 16; ++kk) {
+      Wgmma64x64x16NMajorB<E>(dk, da[kk], q_desc + kk * kRows16, true);
+    }
+    if constexpr (kFusedDq) {
+#pragma unroll
+      for (int kk = 0; kk < KT / 16; ++kk) {
+        Wgmma64x64x16Shared<E, true, true>(dq, ds_desc + kk * kRows16, k_desc + kk * kRows16,
+                                           kk > 0);
+      }
+    }
+    WgmmaCommit();
+    WgmmaWaitAll();
+    PinRegisters(dk);
+    PinRegisters(dv);
+    if constexpr (kFusedDq) {
+      PinRegisters(dq);
+      // The warp's 16 queries are the step's chunk `warp`, in DqAccumIndex order per n-tile.
+      if (e + warp < e1) {
+        float* chunk = w.dq_accum + cta.accum_bh + static_cast<int64_t>(ent[2 * (e + warp)]) * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) ReduceAdd4(chunk + DqAccumIndex(n, lane), dq[n]);
+      }
+    }
+  }
+
+  WriteKeyRows<E>(p, cta, dk, dv, row_j, t4);
+#endif
+}
+
+template <ElementType E, KeyTiling kTiling, bool kFusedDq>
+const char* WgmmaDkvImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  using T = typename Elem<E>::T;
+  dim3 grid;
+  if (const char* err = FlatGrid(KeyTiles(p, w), p, &grid)) return err;
+  return Launch(WgmmaDkvKernel<E, kTiling, kFusedDq>, grid, WgmmaDkvConfig::SmemBytes(sizeof(T)),
+                stream, p, w, WgmmaDkvConfig::kThreads);
 }
 
 }  // namespace detail

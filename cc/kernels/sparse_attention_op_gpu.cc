@@ -185,8 +185,8 @@ Status UseAtomicDq(const SparseAttentionParams& p, int key_tile, bool* atomic) {
   return ::tensorflow::OkStatus();
 }
 
-// Whether the forward runs on warpgroup products (sm_90a, head_dim 64) where the build and the
-// device allow: TF_SPARSE_ATTN_GPU_WGMMA=0 keeps the sm_80 kernel, for comparison.
+// Whether the forward and dk/dv kernels run on warpgroup products (sm_90a, head_dim 64) where
+// the build and the device allow: TF_SPARSE_ATTN_GPU_WGMMA=0 keeps the sm_80 kernels.
 Status UseWgmma(bool* wgmma) {
   *wgmma = false;
   const char* mode = std::getenv("TF_SPARSE_ATTN_GPU_WGMMA");
@@ -252,6 +252,7 @@ struct SparseAttentionRunner<GPUDevice> {
     if (k.halves_at >= 0) w.k_halves = kb + k.halves_at;
     w.key_tile = k.tile_rows;
     w.delta = delta.flat<float>().data();
+    TF_RETURN_IF_ERROR(UseWgmma(&w.wgmma));
     bool atomic = false;
     TF_RETURN_IF_ERROR(UseAtomicDq(p, w.key_tile, &atomic));
     Tensor dq_accum;

@@ -204,10 +204,10 @@ HostWorkLists BuildWorkLists(const SparseAttentionParams& p, ListKind kind) {
 bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile) {
   if (!HasMma(p) || key_tile != kTile || p.q_len == 0) return false;
   // Keys a query attends on average, counting whole blocks. Measured against the deterministic
-  // pair (H200, backward, reductions from registers): at d = 64 dense causal at T = 16384 (8224
-  // keys) gained 12%, fixed at T = 16384 (2112) 14%, dense at T = 4096 (2080) 4%; fixed at
-  // T = 4096 (576) lost 22%, local (191) 1% faster at T = 16384 but 5% slower at T = 4096,
-  // strided (80) lost 21%; at d = 128 dense gained 14%, fixed 10%.
+  // pair (H200, backward; d = 64 with the sm_90a dk/dv kernels): at d = 64 dense causal at
+  // T = 16384 (8224 keys) gained 19%, fixed at T = 16384 (2112) 12%, dense at T = 4096 (2080)
+  // 9%; fixed at T = 4096 (576) lost 4%, local (191) 6%, strided (80) 29%; at d = 128 (sm_80
+  // kernels) dense gained 14%, fixed 10%.
   constexpr double kMinKeysPerQuery = 1024;
   const double keys = static_cast<double>(p.nnz) * p.block_size /
                       (static_cast<double>(p.layout_heads) * p.num_q_blocks);
