@@ -805,9 +805,9 @@ struct DkvConfig {
   }
   // CTAs per SM that the register allocation must allow. Three for the kernel with the dq
   // accumulator at D <= 64, whose 64 KB of shared memory allow three (168 registers and about
-  // 100 bytes of spills): 3-7% faster on dense and fixed layouts. The
-  // deterministic kernel keeps two (about 240 registers): three was 4-8% faster on local and
-  // strided layouts but 10% slower on dense ones and 30% on fixed ones at T = 4096.
+  // 100 bytes of spills): 3-7% faster on dense and fixed layouts. The deterministic kernel
+  // keeps two (about 240 registers): three was 4-8% faster on local and strided layouts but
+  // 10% slower on dense ones and 30% on fixed ones at T = 4096.
   static constexpr int MinBlocks(bool fused_dq) { return fused_dq && D <= 64 ? 3 : 1; }
   // ldmatrix and cp.async need 16-byte aligned rows: every region above is a multiple of 16.
   static_assert((kS * 2) % 16 == 0 && (kSdS * 2) % 16 == 0 && (4 * kQueries * 4) % 16 == 0,
@@ -881,6 +881,7 @@ struct DkvCta {
   const T *q, *d_out, *k, *v;
   T *dk, *dv;
   const float *lse, *delta;
+  const int32_t* halves;  // paired tiles: the first key of each half, -1 for an empty one
 
   __device__ __forceinline__ DkvCta(const SparseAttentionParams& p, const TileWork& w) {
     constexpr bool kTileMajor = kTiling != KeyTiling::kWide;
@@ -911,9 +912,6 @@ struct DkvCta {
                  ? w.k_halves + 2 * (static_cast<int64_t>(lh) * tiles + tile)
                  : nullptr;
   }
-
-  // Paired tiles: the first key of each half, -1 for an empty one.
-  const int32_t* halves;
 
   // The warp's key rows (16 of them, as rows g and g + 8 of the lane: -1 in an empty half) and
   // their layout rows relative to the tile's (or half's) first, as the entries' info counts

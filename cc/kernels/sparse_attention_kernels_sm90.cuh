@@ -39,6 +39,10 @@ __device__ __forceinline__ uint64_t SwizzledTileDesc(const void* tile) {
   return static_cast<uint64_t>((SmemAddr(tile) & 0x3FFFF) >> 4) | (uint64_t{16 >> 4} << 16) |
          (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
+// What to add to a descriptor to move its operand on by 16 elements along K: 32 bytes along a
+// K-major row, or 16 rows of 128 bytes of an M- or N-major tile.
+constexpr uint64_t kDescAlongRow16 = 32 >> 4;
+constexpr uint64_t kDescDownRows16 = 16 * 128 >> 4;
 
 // Orders this thread's ordinary shared-memory writes (cp.async included) before reads by the
 // tensor cores' asynchronous proxy.
@@ -245,8 +249,9 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
     PinRegisters(s);
     WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {  // +32 bytes per 16 columns
-      Wgmma64x64x16Shared<E>(s, q_desc + 2 * kk, k_desc + 2 * kk, kk > 0);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      Wgmma64x64x16Shared<E>(s, q_desc + kk * kDescAlongRow16, k_desc + kk * kDescAlongRow16,
+                             kk > 0);
     }
     WgmmaCommit();
     WgmmaWaitAll();
@@ -264,7 +269,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < KN / 16; ++kk) {
-      Wgmma64x64x16NMajorB<E>(o, pa[kk], v_desc + kk * (16 * 128 >> 4), true);  // 16 V rows
+      Wgmma64x64x16NMajorB<E>(o, pa[kk], v_desc + kk * kDescDownRows16, true);
     }
     WgmmaCommit();
     WgmmaWaitAll();
@@ -290,7 +295,6 @@ const char* WgmmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, 
   return Launch(WgmmaForwardKernel<E, kTile>, grid, Cfg::SmemBytes(sizeof(T)), stream, p, w,
                 Cfg::kThreads);
 }
-
 
 // The dk/dv kernel on warpgroup products, head_dim 64, for 64-key tiles (wide or paired): one
 // warpgroup of four warps, 16 keys each, as in the sm_80 kernel, whose tile setup, loads,
@@ -359,7 +363,6 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
   }
   const uint64_t k_desc = SwizzledTileDesc(sK), v_desc = SwizzledTileDesc(sV);
   const uint64_t ds_desc = SwizzledTileDesc(sdS);
-  constexpr int kRows16 = 16 * 128 >> 4;  // descriptor step over 16 rows of 128 bytes
 
   for (int grp = 0; grp < ngroups; ++grp) {
     const int buf = grp & 1;
@@ -380,12 +383,14 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
     PinRegisters(dp);
     WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {  // +32 bytes per 16 columns
-      Wgmma64x64x16Shared<E>(s, k_desc + 2 * kk, q_desc + 2 * kk, kk > 0);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      Wgmma64x64x16Shared<E>(s, k_desc + kk * kDescAlongRow16, q_desc + kk * kDescAlongRow16,
+                             kk > 0);
     }
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      Wgmma64x64x16Shared<E>(dp, v_desc + 2 * kk, do_desc + 2 * kk, kk > 0);
+      Wgmma64x64x16Shared<E>(dp, v_desc + kk * kDescAlongRow16, do_desc + kk * kDescAlongRow16,
+                             kk > 0);
     }
     WgmmaCommit();
     WgmmaWaitAll();
@@ -421,17 +426,17 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < QN / 16; ++kk) {
-      Wgmma64x64x16NMajorB<E>(dv, pa[kk], do_desc + kk * kRows16, true);
+      Wgmma64x64x16NMajorB<E>(dv, pa[kk], do_desc + kk * kDescDownRows16, true);
     }
 #pragma unroll
     for (int kk = 0; kk < QN / 16; ++kk) {
-      Wgmma64x64x16NMajorB<E>(dk, da[kk], q_desc + kk * kRows16, true);
+      Wgmma64x64x16NMajorB<E>(dk, da[kk], q_desc + kk * kDescDownRows16, true);
     }
     if constexpr (kFusedDq) {
 #pragma unroll
       for (int kk = 0; kk < KT / 16; ++kk) {
-        Wgmma64x64x16Shared<E, true, true>(dq, ds_desc + kk * kRows16, k_desc + kk * kRows16,
-                                           kk > 0);
+        Wgmma64x64x16Shared<E, true, true>(dq, ds_desc + kk * kDescDownRows16,
+                                           k_desc + kk * kDescDownRows16, kk > 0);
       }
     }
     WgmmaCommit();
