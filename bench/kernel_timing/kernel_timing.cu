@@ -63,10 +63,8 @@ std::vector<float> ToHost(const __nv_bfloat16* d, size_t n) {
 }
 
 double AbsSum(const __nv_bfloat16* d, size_t n) {
-  std::vector<__nv_bfloat16> h(n);
-  CHECK_CUDA(cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost));
   double s = 0;
-  for (auto x : h) s += std::fabs(__bfloat162float(x));
+  for (float x : ToHost(d, n)) s += std::fabs(x);
   return s;
 }
 

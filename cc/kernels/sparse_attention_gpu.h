@@ -191,8 +191,8 @@ inline KeyTiling KeyTilingOf(const TileWork& w) {
   return KeyTilingOf(w.key_tile, w.k_halves != nullptr);
 }
 
-// Whether this build carries the sm_90a kernels (the forward on warpgroup products) and the
-// current device can run them (compute capability 9.0).
+// Whether this build carries the sm_90a kernels (the forward and dk/dv on warpgroup products)
+// and the current device can run them (compute capability 9.0).
 bool WgmmaAvailable();
 
 // Whether the GPU kernels take this problem; *why gets the reason when they do not.

@@ -192,6 +192,18 @@ __device__ __forceinline__ float WarpSum(float x) {
 // so that exp2(score - lse) is 0 there rather than NaN.
 __device__ __forceinline__ float Lse2(float lse) { return lse == -kInf ? kInf : lse * kLog2e; }
 
+// The lane's rows g and g + 8 of the 16-row m-tile whose first token is row0, in a tile whose
+// first token is tile0, and their layout rows relative to the tile's first, as work-list
+// entries count them.
+__device__ __forceinline__ void MTileRows(const SparseAttentionParams& p, int tile0, int row0,
+                                          int g, int (&rows)[2], int (&sub)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    rows[r] = row0 + g + 8 * r;
+    sub[r] = rows[r] / p.block_size - tile0 / p.block_size;
+  }
+}
+
 // Where 16-byte piece c of row r of a tile goes in shared memory (in elements), for the
 // tensor-core kernels' tiles: rows of S elements, padded so that ldmatrix rows fall into
 // distinct banks.
@@ -280,6 +292,27 @@ __device__ __forceinline__ bool ReadStep(const int32_t* ent, int e, int e1, int 
   return partial;
 }
 
+// The double-buffered step loop of the tensor-core kernels over their work-list entries, NC
+// chunks a step: each step starts at `barrier` (NextStep, or NextStepForAsyncProxy where the
+// tensor cores read the tiles; skipped at the first step unless kBarrierFirst, for kernels
+// whose prologue waited already), then issues the next step's loads into the other buffer,
+// then runs body(buf, e, first, info, partial) with the step's entries (ReadStep).
+template <int NC, bool kBarrierFirst, typename Barrier, typename Load, typename Body>
+__device__ __forceinline__ void ForEachStep(int ngroups, int e0, int e1, const int32_t* ent,
+                                            Barrier&& barrier, Load&& load_group, Body&& body) {
+  for (int grp = 0; grp < ngroups; ++grp) {
+    const int buf = grp & 1;
+    if (kBarrierFirst || grp > 0) barrier();
+    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
+    CpAsyncCommit();
+    const int e = e0 + grp * NC;
+    int first[NC];
+    int32_t info[NC];
+    const bool partial = ReadStep(ent, e, e1, first, info);
+    body(buf, e, first, info, partial);
+  }
+}
+
 // The gathered-side token of accumulator element x of n-tile n (8 columns each, two per
 // chunk), for the lane's column pair t4.
 template <int N>
@@ -302,7 +335,7 @@ __device__ __forceinline__ void PackA(uint32_t (&a)[4], const float (&lo)[4],
 // Tensor-core forward.
 
 // One step of the forward's online softmax for a 16-row m-tile. The step's scores s (NT
-// n-tiles of 8 keys: raw products when `raw`, see the forward kernel) are masked where the step
+// n-tiles of 8 keys: raw products when `raw`, see ForwardCta) are masked where the step
 // is partial, and scaled and biased unless raw; the rows' maxima m and sums l and their outputs
 // o are rescaled to the new maxima; s is left holding the unnormalised probabilities.
 // step_bias: the step's key bias in shared memory, or nullptr.
@@ -399,6 +432,12 @@ struct ForwardCta {
   const T *q, *k, *v;
   T* out;
   const float* bias;
+  // Without a key bias and with a positive scale, row maxima are taken over the raw products
+  // (scaling keeps their order) and the scale folds into the one FFMA before ex2 (`raw`);
+  // otherwise the scores are scaled (by sl, into log2 units) and biased first. Scores are then
+  // score * log2(e) / to_log2.
+  float sl, to_log2;
+  bool raw;
 
   __device__ __forceinline__ ForwardCta(const SparseAttentionParams& p, const TileWork& w) {
     const int bhs = p.batch * p.heads, tiles = (p.q_len + ROWS - 1) / ROWS;
@@ -417,6 +456,9 @@ struct ForwardCta {
     const int32_t* list = w.q_offsets + p.layout_head(h) * tiles + tile;
     e0 = list[0];
     e1 = list[1];
+    sl = p.scale * kLog2e;
+    raw = bias == nullptr && sl > 0.f;
+    to_log2 = raw ? sl : 1.f;
   }
 };
 
@@ -480,7 +522,6 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
   float o[MT][D / 8][4];
   float m[MT][2], l[MT][2];
   int row_i[MT][2], sub[MT][2];
-  const int sub0 = q0 / p.block_size;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const T* rows = sQ + (warp * WR + mt * 16) * S;
@@ -492,28 +533,13 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
     for (int r = 0; r < 2; ++r) {
       m[mt][r] = -kInf;
       l[mt][r] = 0.f;
-      row_i[mt][r] = q0 + warp * WR + mt * 16 + g + 8 * r;
-      sub[mt][r] = row_i[mt][r] / p.block_size - sub0;
     }
+    MTileRows(p, q0, q0 + warp * WR + mt * 16, g, row_i[mt], sub[mt]);
   }
-  const float sl = p.scale * kLog2e;
-  // Without a key bias and with a positive scale, row maxima are taken over the raw products
-  // (scaling keeps their order) and the scale folds into the one FFMA before ex2; otherwise
-  // the scores are scaled and biased first. Scores in s are then score * log2(e) / to_log2.
-  const bool raw = bias == nullptr && sl > 0.f;
-  const float to_log2 = raw ? sl : 1.f;
 
-  for (int grp = 0; grp < ngroups; ++grp) {
-    const int buf = grp & 1;
-    if (grp > 0) NextStep();
-    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
-    CpAsyncCommit();
-
-    const int e = e0 + grp * 4;
-    int ks[4];
-    int32_t info[4];
-    const bool partial = ReadStep(ent, e, e1, ks, info);
-
+  ForEachStep<4, false>(
+      ngroups, e0, e1, ent, [&] { NextStep(); }, load_group,
+      [&](int buf, int e, const int (&ks)[4], const int32_t (&info)[4], bool partial) {
     const T* cK = sK + buf * KN * S;
     const T* cV = sV + buf * KN * S;
     float s[MT][NT][4];
@@ -539,8 +565,8 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
     const float* step_bias = bias != nullptr ? sBias + buf * KN : nullptr;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      OnlineSoftmaxStep(p, s[mt], o[mt], m[mt], l[mt], partial, raw, sl, to_log2, step_bias, ks,
-                        info, sub[mt], row_i[mt], t4);
+      OnlineSoftmaxStep(p, s[mt], o[mt], m[mt], l[mt], partial, cta.raw, cta.sl, cta.to_log2,
+                        step_bias, ks, info, sub[mt], row_i[mt], t4);
     }
 #pragma unroll
     for (int kk = 0; kk < KN / 16; ++kk) {
@@ -558,7 +584,7 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
         }
       }
     }
-  }
+  });
 
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -682,9 +708,8 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
   if (ngroups > 0) load_group(0, 0);
   CpAsyncCommit();
 
-  const int row_i[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-  const int sub0 = q0 / p.block_size;
-  const int sub[2] = {row_i[0] / p.block_size - sub0, row_i[1] / p.block_size - sub0};
+  int row_i[2], sub[2];
+  MTileRows(p, q0, q0 + warp * 16, g, row_i, sub);
   float lse2[2], delta[2];
   RowDelta<E, D>(p, w, bh, qoff, q0 + warp * 16, lane, delta);
 #pragma unroll
@@ -697,16 +722,9 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
 
-  for (int grp = 0; grp < ngroups; ++grp) {
-    const int buf = grp & 1;
-    NextStep();
-    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
-    CpAsyncCommit();
-
-    const int e = e0 + grp * 4;
-    int ks[4];
-    int32_t info[4];
-    const bool partial = ReadStep(ent, e, e1, ks, info);
+  ForEachStep<4, true>(
+      ngroups, e0, e1, ent, [&] { NextStep(); }, load_group,
+      [&](int buf, int e, const int (&ks)[4], const int32_t (&info)[4], bool partial) {
     const T* cK = sK + buf * KN * S;
     const T* cV = sV + buf * KN * S;
 
@@ -762,7 +780,7 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
         Mma<E>(dq[2 * dd + 1], pa, kf[2], kf[3]);
       }
     }
-  }
+  });
 
   T* out = static_cast<T*>(p.dq) + qoff;
 #pragma unroll
@@ -877,9 +895,9 @@ template <typename T, int D, int KT, KeyTiling kTiling>
 struct DkvCta {
   int tiles, tile, b, bh, lh, k0, e0, e1;
   int64_t stride;    // between tokens of one tensor
+  int64_t kv_base;   // this (batch, head)'s first key in k, v, dk and dv
   int64_t accum_bh;  // this head's dq sums in TileWork::dq_accum
   const T *q, *d_out, *k, *v;
-  T *dk, *dv;
   const float *lse, *delta;
   const int32_t* halves;  // paired tiles: the first key of each half, -1 for an empty one
 
@@ -895,13 +913,11 @@ struct DkvCta {
     k0 = tile * KT;
     stride = static_cast<int64_t>(p.heads) * D;
     const int64_t qoff = static_cast<int64_t>(b) * p.q_len * stride + h * D;
-    const int64_t koff = static_cast<int64_t>(b) * p.kv_len * stride + h * D;
+    kv_base = static_cast<int64_t>(b) * p.kv_len * stride + h * D;
     q = static_cast<const T*>(p.q) + qoff;
     d_out = static_cast<const T*>(p.d_out) + qoff;
-    k = static_cast<const T*>(p.k) + koff;
-    v = static_cast<const T*>(p.v) + koff;
-    dk = static_cast<T*>(p.dk) + koff;
-    dv = static_cast<T*>(p.dv) + koff;
+    k = static_cast<const T*>(p.k) + kv_base;
+    v = static_cast<const T*>(p.v) + kv_base;
     lse = p.lse + static_cast<int64_t>(bh) * p.q_len;
     delta = w.delta + static_cast<int64_t>(bh) * p.q_len;
     accum_bh = static_cast<int64_t>(bh) * p.q_len * D;
@@ -928,12 +944,7 @@ struct DkvCta {
                  (first < 0 ? 0 : row_j[r] / p.block_size - first / p.block_size);
       }
     } else {
-      const int sub0 = k0 / p.block_size;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        row_j[r] = k0 + warp * 16 + g + 8 * r;
-        sub[r] = row_j[r] / p.block_size - sub0;
-      }
+      MTileRows(p, k0, k0 + warp * 16, g, row_j, sub);
     }
   }
 
@@ -1024,15 +1035,21 @@ __device__ __forceinline__ void WriteKeyRows(const SparseAttentionParams& p,
                                              const float (&dk)[D / 8][4],
                                              const float (&dv)[D / 8][4], const int (&row_j)[2],
                                              int t4) {
+  // dk and dv from their bases only here: pointers kept from the start stay live across the
+  // step loop (the kernel with the dq accumulator, capped for three CTAs, spilled 184 bytes
+  // instead of 68).
+  using T = typename Elem<E>::T;
+  T* dkp = static_cast<T*>(p.dk) + cta.kv_base;
+  T* dvp = static_cast<T*>(p.dv) + cta.kv_base;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int j = row_j[r];
     if (j < 0 || j >= p.kv_len) continue;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(cta.dk + j * cta.stride + n * 8 + 2 * t4) =
+      *reinterpret_cast<uint32_t*>(dkp + j * cta.stride + n * 8 + 2 * t4) =
           Elem<E>::Pack(dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(cta.dv + j * cta.stride + n * 8 + 2 * t4) =
+      *reinterpret_cast<uint32_t*>(dvp + j * cta.stride + n * 8 + 2 * t4) =
           Elem<E>::Pack(dv[n][2 * r], dv[n][2 * r + 1]);
     }
   }
@@ -1088,16 +1105,9 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
     dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f;
   }
 
-  for (int grp = 0; grp < ngroups; ++grp) {
-    const int buf = grp & 1;
-    NextStep();
-    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
-    CpAsyncCommit();
-
-    const int e = e0 + grp * NC;
-    int qs[NC];
-    int32_t info[NC];
-    const bool partial = ReadStep(ent, e, e1, qs, info);
+  ForEachStep<NC, true>(
+      ngroups, e0, e1, ent, [&] { NextStep(); }, load_group,
+      [&](int buf, int e, const int (&qs)[NC], const int32_t (&info)[NC], bool partial) {
     const T* cQ = sQ + buf * QN * S;
     const T* cdO = sdO + buf * QN * S;
     const float* cLse = sLse + buf * QN;
@@ -1158,7 +1168,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
       __syncthreads();
       FusedDqStep<E, D, kTiling>(w, sdS, sK, ent, e, e1, cta.accum_bh, warp, lane);
     }
-  }
+  });
 
   WriteKeyRows<E>(p, cta, dk, dv, row_j, t4);
 }

@@ -110,6 +110,14 @@ __device__ __forceinline__ void PinRegisters(uint32_t (&a)[N][4]) {
       "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]),               \
       "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
 
+// Expands ASM(TYPES) with the instruction's operand types for element type E.
+#define TSA_WGMMA_FOR_TYPES(E, ASM)       \
+  if constexpr (E == ElementType::kBFloat16) { \
+    ASM("bf16.bf16");                      \
+  } else {                                 \
+    ASM("f16.f16");                        \
+  }
+
 // d (+)= a b for the warpgroup: a 64x16 A from registers (each warp its 16 rows, in mma.sync's
 // A fragment layout), a 16x64 B from the swizzled tile at desc_b, N-major (rows B[k][.], as
 // V's rows are). d is 64x64 float32, each warp's 16 rows in mma.sync's accumulator layout per
@@ -125,11 +133,7 @@ __device__ __forceinline__ void Wgmma64x64x16NMajorB(float (&d)[8][4], const uin
                : TSA_WGMMA_ACC_OPERANDS(d)                                                    \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),                     \
                  "r"(accumulate ? 1 : 0))
-  if constexpr (E == ElementType::kBFloat16) {
-    TSA_WGMMA_ASM("bf16.bf16");
-  } else {
-    TSA_WGMMA_ASM("f16.f16");
-  }
+  TSA_WGMMA_FOR_TYPES(E, TSA_WGMMA_ASM);
 #undef TSA_WGMMA_ASM
 #endif
 }
@@ -149,15 +153,12 @@ __device__ __forceinline__ void Wgmma64x64x16Shared(float (&d)[8][4], uint64_t d
                : TSA_WGMMA_ACC_OPERANDS(d)                                                    \
                : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0), "n"(kMMajorA ? 1 : 0),     \
                  "n"(kNMajorB ? 1 : 0))
-  if constexpr (E == ElementType::kBFloat16) {
-    TSA_WGMMA_ASM("bf16.bf16");
-  } else {
-    TSA_WGMMA_ASM("f16.f16");
-  }
+  TSA_WGMMA_FOR_TYPES(E, TSA_WGMMA_ASM);
 #undef TSA_WGMMA_ASM
 #endif
 }
 
+#undef TSA_WGMMA_FOR_TYPES
 #undef TSA_WGMMA_ACC_OPERANDS
 #undef TSA_WGMMA_ACC_LIST
 
@@ -225,26 +226,14 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
 #pragma unroll
   for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
   float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};
-  const int sub0 = q0 / p.block_size;
-  const int row_i[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-  const int sub[2] = {row_i[0] / p.block_size - sub0, row_i[1] / p.block_size - sub0};
-  const float sl = p.scale * kLog2e;
-  const bool raw = bias == nullptr && sl > 0.f;  // see the sm_80 forward
-  const float to_log2 = raw ? sl : 1.f;
+  int row_i[2], sub[2];
+  MTileRows(p, q0, q0 + warp * 16, g, row_i, sub);
 
-  for (int grp = 0; grp < ngroups; ++grp) {
-    const int buf = grp & 1;
-    // Every warpgroup has waited for its products of the previous step, so that its buffers
-    // may be refilled.
-    if (grp > 0) NextStepForAsyncProxy();
-    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
-    CpAsyncCommit();
-
-    const int e = e0 + grp * 4;
-    int ks[4];
-    int32_t info[4];
-    const bool partial = ReadStep(ent, e, e1, ks, info);
-
+  // At each step's barrier every warpgroup has waited for its products of the previous step,
+  // so that their buffers may be refilled.
+  ForEachStep<4, false>(
+      ngroups, e0, e1, ent, [&] { NextStepForAsyncProxy(); }, load_group,
+      [&](int buf, int e, const int (&ks)[4], const int32_t (&info)[4], bool partial) {
     const uint64_t k_desc = SwizzledTileDesc(sK + buf * TE);
     PinRegisters(s);
     WgmmaFence();
@@ -257,7 +246,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
     WgmmaWaitAll();
     PinRegisters(s);
 
-    OnlineSoftmaxStep(p, s, o, m, l, partial, raw, sl, to_log2,
+    OnlineSoftmaxStep(p, s, o, m, l, partial, cta.raw, cta.sl, cta.to_log2,
                       bias != nullptr ? sBias + buf * KN : nullptr, ks, info, sub, row_i, t4);
 
     uint32_t pa[KN / 16][4];
@@ -274,7 +263,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
     WgmmaCommit();
     WgmmaWaitAll();
     PinRegisters(o);
-  }
+  });
 
   WriteForwardRows<E>(p, cta.out, stride, static_cast<int64_t>(bh) * p.q_len, o, m, l, row_i,
                       t4);
@@ -364,18 +353,11 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
   const uint64_t k_desc = SwizzledTileDesc(sK), v_desc = SwizzledTileDesc(sV);
   const uint64_t ds_desc = SwizzledTileDesc(sdS);
 
-  for (int grp = 0; grp < ngroups; ++grp) {
-    const int buf = grp & 1;
-    // The step's loads have landed, and every warp has finished the previous step's products
-    // (and read dS^T), so that their buffers may be refilled.
-    NextStepForAsyncProxy();
-    if (grp + 1 < ngroups) load_group(grp + 1, buf ^ 1);
-    CpAsyncCommit();
-
-    const int e = e0 + grp * NC;
-    int qs[NC];
-    int32_t info[NC];
-    const bool partial = ReadStep(ent, e, e1, qs, info);
+  // At each step's barrier the step's loads have landed, and every warp has finished the
+  // previous step's products (and read dS^T), so that their buffers may be refilled.
+  ForEachStep<NC, true>(
+      ngroups, e0, e1, ent, [&] { NextStepForAsyncProxy(); }, load_group,
+      [&](int buf, int e, const int (&qs)[NC], const int32_t (&info)[NC], bool partial) {
     const uint64_t q_desc = SwizzledTileDesc(sQ + buf * TE);
     const uint64_t do_desc = SwizzledTileDesc(sdO + buf * TE);
 
@@ -452,7 +434,7 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
         for (int n = 0; n < D / 8; ++n) ReduceAdd4(chunk + DqAccumIndex(n, lane), dq[n]);
       }
     }
-  }
+  });
 
   WriteKeyRows<E>(p, cta, dk, dv, row_j, t4);
 #endif
