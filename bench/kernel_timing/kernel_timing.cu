@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include "bench/kernel_timing/layout_file.h"
@@ -66,15 +67,6 @@ double AbsSum(const __nv_bfloat16* d, size_t n) {
   double s = 0;
   for (float x : ToHost(d, n)) s += std::fabs(x);
   return s;
-}
-
-template <int D>
-const char* LaunchDq(const SparseAttentionParams& p, const TileWork& w) {
-  dim3 grid;
-  if (const char* err = detail::FlatGrid(QueryTiles(p), p, &grid)) return err;
-  return detail::Launch(detail::MmaDqKernel<ElementType::kBFloat16, D>, grid,
-                        detail::DqConfig<D>::SmemBytes(2), nullptr, p, w,
-                        detail::DqConfig<D>::kThreads);
 }
 
 }  // namespace
@@ -211,8 +203,12 @@ int main(int argc, char** argv) {
   compare(ref_bwd, {dq, dk, dv}, diffs + 1);
   const double dq_sum = AbsSum(dq, n), dk_sum = AbsSum(dk, n), dv_sum = AbsSum(dv, n);
   float dq_only = 0.f;
-  if (D == 64) dq_only = time_ms([&] { return LaunchDq<64>(p, backward); });
-  if (D == 128) dq_only = time_ms([&] { return LaunchDq<128>(p, backward); });
+  auto dq_kernel = [&](auto head_dim) {
+    return detail::LaunchDq<ElementType::kBFloat16, decltype(head_dim)::value>(p, backward,
+                                                                                nullptr);
+  };
+  if (D == 64) dq_only = time_ms([&] { return dq_kernel(std::integral_constant<int, 64>()); });
+  if (D == 128) dq_only = time_ms([&] { return dq_kernel(std::integral_constant<int, 128>()); });
   const float bwd_fused = time_ms([&] { return LaunchBackward(p, fused, nullptr); });
   compare(ref_fused, {dq, dk, dv}, diffs + 4);
   if (err != nullptr) {

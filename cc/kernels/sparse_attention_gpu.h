@@ -74,7 +74,7 @@ struct TileWork {
   // empty half; [layout_heads * KeyTiles(p, w) * 2].
   const int32_t* k_halves = nullptr;
   int query_tile = kTile;  // query rows of a forward tile that the q lists were built for
-  // Run the sm_90a forward and dk/dv kernels (head_dim 64; dk/dv on 64-key tiles) rather than
+  // Run the sm_90a forward, dq and dk/dv kernels (head_dim 64; dk/dv on 64-key tiles) rather than
   // the sm_80 ones: only where WgmmaAvailable().
   bool wgmma = false;
   int key_tile = kTile;    // key rows of a dk/dv tile that the k lists were built for
@@ -170,13 +170,15 @@ HostWorkLists BuildWorkLists(const SparseAttentionParams& p, ListKind kind);
 HostWorkLists BuildKeyLists(const SparseAttentionParams& p, KeyTiling tiling);
 
 // Whether the backward pass is faster with dq summed in a float32 accumulator by the dk/dv
-// kernel (TileWork::dq_accum) for this problem and the key tile height its dk/dv lists were
-// built for. Measured on an H200 (bf16, T = 16384, d = 64, backward, sm_90a dk/dv): dense
-// causal 5.92 -> 4.80 ms, fixed on paired key tiles 1.72 -> 1.51, but local 0.328 -> 0.349,
-// strided 0.210 -> 0.270 and fixed at T = 4096 0.178 -> 0.186: the accumulator's own passes
-// (zeroing, delta, conversion) and each step's extra barrier cost more than the two products
-// they save where a query attends few keys, and narrow key tiles have twice the steps.
-bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile);
+// kernel (TileWork::dq_accum) for this problem, the key tile height its dk/dv lists were built
+// for and whether the kernels run on warpgroup products (TileWork::wgmma). With the sm_80 dq
+// kernel (H200, bf16, T = 16384, d = 64, backward, sm_90a dk/dv): dense causal 5.92 -> 4.80
+// ms, fixed on paired key tiles 1.72 -> 1.51, but local 0.328 -> 0.349, strided 0.210 ->
+// 0.270 and fixed at T = 4096 0.178 -> 0.186: the accumulator's own passes (zeroing, delta,
+// conversion) and each step's extra barrier cost more than the two products they save where a
+// query attends few keys, and narrow key tiles have twice the steps. With the sm_90a dq kernel
+// the deterministic pair is never slower.
+bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile, bool wgmma);
 
 // The tiling that key lists were built for, from their tile height and whether they carry
 // halves: on the host, or as the kernels get them.
@@ -191,7 +193,7 @@ inline KeyTiling KeyTilingOf(const TileWork& w) {
   return KeyTilingOf(w.key_tile, w.k_halves != nullptr);
 }
 
-// Whether this build carries the sm_90a kernels (the forward and dk/dv on warpgroup products)
+// Whether this build carries the sm_90a kernels (forward, dq and dk/dv on warpgroup products)
 // and the current device can run them (compute capability 9.0).
 bool WgmmaAvailable();
 

@@ -3,7 +3,7 @@
 //
 // Tensor-core path (float16, bfloat16): flash-attention style with mma.sync m16n8k16 (f32
 // accumulate), ldmatrix and cp.async, i.e. sm_80 instructions that also run on sm_90. At
-// head_dim 64 on Hopper, the forward and (on 64-key tiles) dk/dv kernels of
+// head_dim 64 on Hopper, the forward, dq and (on 64-key tiles) dk/dv kernels of
 // sparse_attention_kernels_sm90.cuh, on warpgroup products, take their place.
 //   forward  one CTA per (128 or 64 query rows, batch*head), warps of 16 rows (32 on 128-row
 //            tiles at head_dim <= 64); key tiles of 64 gathered from the work list 16 rows at a
@@ -335,7 +335,7 @@ __device__ __forceinline__ void PackA(uint32_t (&a)[4], const float (&lo)[4],
 // Tensor-core forward.
 
 // One step of the forward's online softmax for a 16-row m-tile. The step's scores s (NT
-// n-tiles of 8 keys: raw products when `raw`, see ForwardCta) are masked where the step
+// n-tiles of 8 keys: raw products when `raw`, see QueryCta) are masked where the step
 // is partial, and scaled and biased unless raw; the rows' maxima m and sums l and their outputs
 // o are rescaled to the new maxima; s is left holding the unnormalised probabilities.
 // step_bias: the step's key bias in shared memory, or nullptr.
@@ -421,37 +421,39 @@ __device__ __forceinline__ void WriteForwardRows(const SparseAttentionParams& p,
   }
 }
 
-// Where a forward CTA works: its tile of ROWS queries (causal rows late in the sequence carry
-// the most work, so they start first, tile-major over (batch, head) so that the heaviest tiles
-// of every head go in the first waves), its (batch, head), the bases of its q, k, v, out and
-// key bias, and its span [e0, e1) of work-list entries.
+// Where a forward or dq CTA works: its tile of ROWS queries (causal rows late in the sequence
+// carry the most work, so they start first, tile-major over (batch, head) so that the heaviest
+// tiles of every head go in the first waves), its (batch, head), the bases of its q, k, v, out,
+// d_out and key bias, and its span [e0, e1) of work-list entries.
 template <typename T, int D, int ROWS>
-struct ForwardCta {
+struct QueryCta {
   int bh, q0, e0, e1;
   int64_t stride;  // between tokens of one tensor
-  const T *q, *k, *v;
+  int64_t q_base;  // this (batch, head)'s first query in q, out, d_out and dq
+  const T *q, *k, *v, *d_out;
   T* out;
   const float* bias;
-  // Without a key bias and with a positive scale, row maxima are taken over the raw products
-  // (scaling keeps their order) and the scale folds into the one FFMA before ex2 (`raw`);
-  // otherwise the scores are scaled (by sl, into log2 units) and biased first. Scores are then
-  // score * log2(e) / to_log2.
+  // The forward's scores: without a key bias and with a positive scale, row maxima are taken
+  // over the raw products (scaling keeps their order) and the scale folds into the one FFMA
+  // before ex2 (`raw`); otherwise the scores are scaled (by sl, into log2 units) and biased
+  // first. Scores are then score * log2(e) / to_log2.
   float sl, to_log2;
   bool raw;
 
-  __device__ __forceinline__ ForwardCta(const SparseAttentionParams& p, const TileWork& w) {
+  __device__ __forceinline__ QueryCta(const SparseAttentionParams& p, const TileWork& w) {
     const int bhs = p.batch * p.heads, tiles = (p.q_len + ROWS - 1) / ROWS;
     const int tile = tiles - 1 - static_cast<int>(blockIdx.x / bhs);
     bh = blockIdx.x % bhs;
     const int b = bh / p.heads, h = bh % p.heads;
     q0 = tile * ROWS;
     stride = static_cast<int64_t>(p.heads) * D;
-    const int64_t q_base = static_cast<int64_t>(b) * p.q_len * stride + h * D;
+    q_base = static_cast<int64_t>(b) * p.q_len * stride + h * D;
     const int64_t kv_base = static_cast<int64_t>(b) * p.kv_len * stride + h * D;
     q = static_cast<const T*>(p.q) + q_base;
     k = static_cast<const T*>(p.k) + kv_base;
     v = static_cast<const T*>(p.v) + kv_base;
     out = static_cast<T*>(p.out) + q_base;
+    d_out = static_cast<const T*>(p.d_out) + q_base;
     bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
     const int32_t* list = w.q_offsets + p.layout_head(h) * tiles + tile;
     e0 = list[0];
@@ -496,7 +498,7 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
   T* sV = sK + 2 * KN * S;
   float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
 
-  const ForwardCta<T, D, ROWS> cta(p, w);
+  const QueryCta<T, D, ROWS> cta(p, w);
   const int bh = cta.bh, q0 = cta.q0, e0 = cta.e0, e1 = cta.e1;
   const int64_t stride = cta.stride;
   const T *qp = cta.q, *kp = cta.k, *vp = cta.v;
@@ -663,6 +665,97 @@ struct DqConfig {
   }
 };
 
+// The dq kernels' prologue: the tile's Q and dO (laid out as Rows) and the first step's loads
+// (load_group) in flight; the lane's rows g and g + 8 of the warp's 16, their layout rows, and
+// their lse (log2 units, see Lse2) and delta, computed here (RowDelta).
+template <ElementType E, int D, typename Rows, int THREADS, typename Load>
+__device__ __forceinline__ void DqPrologue(const SparseAttentionParams& p, const TileWork& w,
+                                           const QueryCta<typename Elem<E>::T, D, kTile>& cta,
+                                           typename Elem<E>::T* sQ, typename Elem<E>::T* sdO,
+                                           int ngroups, Load&& load_group, int warp, int lane,
+                                           int (&row_i)[2], int (&sub)[2], float (&lse2)[2],
+                                           float (&delta)[2]) {
+  LoadRows<typename Elem<E>::T, D, Rows, kTile, THREADS>(sQ, cta.q, cta.stride, cta.q0,
+                                                         p.q_len);
+  LoadRows<typename Elem<E>::T, D, Rows, kTile, THREADS>(sdO, cta.d_out, cta.stride, cta.q0,
+                                                         p.q_len);
+  if (ngroups > 0) load_group(0, 0);
+  CpAsyncCommit();
+  const int row0 = cta.q0 + warp * 16;
+  MTileRows(p, cta.q0, row0, lane >> 2, row_i, sub);
+  RowDelta<E, D>(p, w, cta.bh, cta.q_base, row0, lane, delta);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool in = row_i[r] < p.q_len;
+    lse2[r] = in ? Lse2(p.lse[static_cast<int64_t>(cta.bh) * p.q_len + row_i[r]]) : kInf;
+  }
+}
+
+// For DqScores: dP is ready.
+struct DpReady {
+  __device__ __forceinline__ void operator()() const {}
+};
+
+// A dq step's scores s become dS = P (dP - delta) for a 16-row m-tile: P from the scores and
+// lse (masked where the step is partial, biased by step_bias unless nullptr) first, then
+// wait_dp() (where dP's products may still be running), then dS; in one pass where dP is
+// ready (DpReady: two passes made the sm_80 kernel spill).
+template <int NT, typename WaitDp>
+__device__ __forceinline__ void DqScores(const SparseAttentionParams& p, float (&s)[NT][4],
+                                         float (&dp)[NT][4], bool partial, float sl,
+                                         const float (&lse2)[2], const float (&delta)[2],
+                                         const float* step_bias, const int (&ks)[NT / 2],
+                                         const int32_t (&info)[NT / 2], const int (&sub)[2],
+                                         const int (&row_i)[2], int t4, WaitDp&& wait_dp) {
+  constexpr bool kOnePass = std::is_same_v<std::decay_t<WaitDp>, DpReady>;
+  Specialize(partial, step_bias != nullptr, [&](auto masked, auto biased) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        float shift = -lse2[x >> 1];
+        if constexpr (biased) shift += step_bias[n * 8 + 2 * t4 + (x & 1)] * kLog2e;
+        float v = fmaf(s[n][x], sl, shift);
+        if constexpr (masked) {
+          const int c = n >> 1;
+          const int j = StepToken(ks, n, x, t4);
+          if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
+        }
+        s[n][x] = FastExp2(v);
+        if constexpr (kOnePass) s[n][x] *= dp[n][x] - delta[x >> 1];
+      }
+    }
+  });
+  if constexpr (!kOnePass) {
+    wait_dp();
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) s[n][x] *= dp[n][x] - delta[x >> 1];
+    }
+  }
+}
+
+// Writes the lane's rows of dq (scaled).
+template <ElementType E, int D, int ROWS>
+__device__ __forceinline__ void WriteDqRows(const SparseAttentionParams& p,
+                                            const QueryCta<typename Elem<E>::T, D, ROWS>& cta,
+                                            const float (&dq)[D / 8][4], const int (&row_i)[2],
+                                            int t4) {
+  using T = typename Elem<E>::T;
+  T* out = static_cast<T*>(p.dq) + cta.q_base;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row_i[r];
+    if (i >= p.q_len) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(out + i * cta.stride + n * 8 + 2 * t4) =
+          Elem<E>::Pack(dq[n][2 * r] * p.scale, dq[n][2 * r + 1] * p.scale);
+    }
+  }
+}
+
 template <ElementType E, int D>
 __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks)
     MmaDqKernel(const SparseAttentionParams p, const TileWork w) {
@@ -676,54 +769,28 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
   T* sV = sK + 2 * KN * S;
   float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
 
-  // Causal rows late in the sequence carry the most work: start them first, tile-major over
-  // (batch, head) so that the heaviest tiles of every head go in the first waves.
-  const int bhs = p.batch * p.heads, tiles = QueryTiles(p);
-  const int tile = tiles - 1 - static_cast<int>(blockIdx.x / bhs), bh = blockIdx.x % bhs;
-  const int b = bh / p.heads, h = bh % p.heads;
-  const int lh = p.layout_head(h);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int q0 = tile * kTile;
-  const int64_t stride = static_cast<int64_t>(p.heads) * D;
-  const int64_t qoff = static_cast<int64_t>(b) * p.q_len * stride + h * D;
-  const int64_t koff = static_cast<int64_t>(b) * p.kv_len * stride + h * D;
-  const T* qp = static_cast<const T*>(p.q) + qoff;
-  const T* dop = static_cast<const T*>(p.d_out) + qoff;
-  const T* kp = static_cast<const T*>(p.k) + koff;
-  const T* vp = static_cast<const T*>(p.v) + koff;
-  const float* bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
-  const int32_t* list = w.q_offsets + lh * tiles + tile;
-  const int e0 = list[0], e1 = list[1];
-  const int ngroups = (e1 - e0 + 3) / 4;
+  const QueryCta<T, D, kTile> cta(p, w);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, t4 = lane & 3;
+  const int ngroups = (cta.e1 - cta.e0 + 3) / 4;
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
     LoadKeyStep<T, D, PaddedRows<S>, KN, TH>(sK + buf * KN * S, sV + buf * KN * S,
-                                             sBias + buf * KN, kp, vp, bias, stride, ent,
-                                             e0 + grp * 4, e1);
+                                             sBias + buf * KN, cta.k, cta.v, cta.bias,
+                                             cta.stride, ent, cta.e0 + grp * 4, cta.e1);
   };
 
-  LoadRows<T, D, PaddedRows<S>, kTile, TH>(sQ, qp, stride, q0, p.q_len);
-  LoadRows<T, D, PaddedRows<S>, kTile, TH>(sdO, dop, stride, q0, p.q_len);
-  if (ngroups > 0) load_group(0, 0);
-  CpAsyncCommit();
-
   int row_i[2], sub[2];
-  MTileRows(p, q0, q0 + warp * 16, g, row_i, sub);
   float lse2[2], delta[2];
-  RowDelta<E, D>(p, w, bh, qoff, q0 + warp * 16, lane, delta);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const bool in = row_i[r] < p.q_len;
-    lse2[r] = in ? Lse2(p.lse[static_cast<int64_t>(bh) * p.q_len + row_i[r]]) : kInf;
-  }
+  DqPrologue<E, D, PaddedRows<S>, TH>(p, w, cta, sQ, sdO, ngroups, load_group, warp, lane,
+                                      row_i, sub, lse2, delta);
   const float sl = p.scale * kLog2e;
   float dq[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
 
   ForEachStep<4, true>(
-      ngroups, e0, e1, ent, [&] { NextStep(); }, load_group,
+      ngroups, cta.e0, cta.e1, ent, [&] { NextStep(); }, load_group,
       [&](int buf, int e, const int (&ks)[4], const int32_t (&info)[4], bool partial) {
     const T* cK = sK + buf * KN * S;
     const T* cV = sV + buf * KN * S;
@@ -750,24 +817,9 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
         Mma<E>(dp[2 * np + 1], da, vf[2], vf[3]);
       }
     }
-    // s becomes dS = P (dP - delta).
-    Specialize(partial, bias != nullptr, [&](auto masked, auto biased) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          float shift = -lse2[x >> 1];
-          if constexpr (biased) shift += sBias[buf * KN + n * 8 + 2 * t4 + (x & 1)] * kLog2e;
-          float v = fmaf(s[n][x], sl, shift);
-          if constexpr (masked) {
-            const int c = n >> 1;
-            const int j = StepToken(ks, n, x, t4);
-            if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
-          }
-          s[n][x] = FastExp2(v) * (dp[n][x] - delta[x >> 1]);
-        }
-      }
-    });
+    DqScores(p, s, dp, partial, sl, lse2, delta,
+             cta.bias != nullptr ? sBias + buf * KN : nullptr, ks, info, sub, row_i, t4,
+             DpReady());
 #pragma unroll
     for (int kk = 0; kk < KN / 16; ++kk) {
       uint32_t pa[4];
@@ -782,17 +834,7 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
     }
   });
 
-  T* out = static_cast<T*>(p.dq) + qoff;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = row_i[r];
-    if (i >= p.q_len) continue;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(out + i * stride + n * 8 + 2 * t4) =
-          Elem<E>::Pack(dq[n][2 * r] * p.scale, dq[n][2 * r + 1] * p.scale);
-    }
-  }
+  WriteDqRows<E>(p, cta, dq, row_i, t4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1246,9 +1288,25 @@ const char* LaunchDkv(const SparseAttentionParams& p, const TileWork& w, void* s
   }
 }
 
+// The sm_90a dq kernel at head_dim 64 (sparse_attention_kernels_sm90.cuh).
+template <ElementType E>
+const char* WgmmaDqImpl(const SparseAttentionParams& p, const TileWork& w, void* stream);
+
+// The deterministic path's dq kernel, which also leaves delta for dk/dv.
+template <ElementType E, int D>
+const char* LaunchDq(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  using T = typename Elem<E>::T;
+  if constexpr (D == 64) {
+    if (w.wgmma) return WgmmaDqImpl<E>(p, w, stream);
+  }
+  dim3 grid;
+  if (const char* err = FlatGrid(QueryTiles(p), p, &grid)) return err;
+  return Launch(MmaDqKernel<E, D>, grid, DqConfig<D>::SmemBytes(sizeof(T)), stream, p, w,
+                DqConfig<D>::kThreads);
+}
+
 template <ElementType E, int D>
 const char* MmaBackwardImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
-  using T = typename Elem<E>::T;
   if (w.dq_accum != nullptr) {
     // delta and a zeroed accumulator, one pass over the key tiles, then dq from the sums.
     const size_t accum_bytes = sizeof(float) * p.batch * p.heads * p.q_len * D;
@@ -1260,11 +1318,7 @@ const char* MmaBackwardImpl(const SparseAttentionParams& p, const TileWork& w, v
     return internal::LaunchDqFromAccum(p, w, stream);
   }
   // No delta kernel: dq computes delta (RowDelta) before dk/dv, launched after it, reads it.
-  dim3 qgrid;
-  if (const char* err = FlatGrid(QueryTiles(p), p, &qgrid)) return err;
-  if (const char* err = Launch(MmaDqKernel<E, D>, qgrid, DqConfig<D>::SmemBytes(sizeof(T)),
-                               stream, p, w, DqConfig<D>::kThreads))
-    return err;
+  if (const char* err = LaunchDq<E, D>(p, w, stream)) return err;
   return LaunchDkv<E, D, false>(p, w, stream);
 }
 

@@ -1,4 +1,4 @@
-// The forward and dk/dv kernels on Hopper's warpgroup products (wgmma, sm_90a), head_dim 64:
+// The forward, dq and dk/dv kernels on Hopper's warpgroup products (wgmma, sm_90a), head_dim 64:
 // included at the end of sparse_attention_kernels.cuh, whose helpers they share with the sm_80
 // kernels (the tile setup, the gathers, the step reader, the softmax, the masking and the
 // epilogues).
@@ -71,14 +71,16 @@ __device__ __forceinline__ void WgmmaCommit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-// Waits for every product this warpgroup has committed.
-__device__ __forceinline__ void WgmmaWaitAll() {
+// Waits until at most N of the product groups this warpgroup has committed are still running
+// (they finish in the order committed): N = 0 waits for all.
+template <int N>
+__device__ __forceinline__ void WgmmaWait() {
 #if defined(TSA_WGMMA_DEVICE)
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
 // Keeps the compiler from moving ordinary accesses of the products' register operands across
-// WgmmaFence or WgmmaWaitAll (which name no registers): the instructions that write them
+// WgmmaFence or WgmmaWait (which name no registers): the instructions that write them
 // before a fence, and those that read the results after a wait, stay on their side of it.
 template <int N>
 __device__ __forceinline__ void PinRegisters(float (&d)[N][4]) {
@@ -196,7 +198,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
   T* sV = sK + 2 * TE;                 // [2][KN][D]
   float* sBias = reinterpret_cast<float*>(sV + 2 * TE);
 
-  const ForwardCta<T, D, ROWS> cta(p, w);
+  const QueryCta<T, D, ROWS> cta(p, w);
   const int bh = cta.bh, q0 = cta.q0, e0 = cta.e0, e1 = cta.e1;
   const int64_t stride = cta.stride;
   const T *qp = cta.q, *kp = cta.k, *vp = cta.v;
@@ -243,7 +245,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
                              kk > 0);
     }
     WgmmaCommit();
-    WgmmaWaitAll();
+    WgmmaWait<0>();
     PinRegisters(s);
 
     OnlineSoftmaxStep(p, s, o, m, l, partial, cta.raw, cta.sl, cta.to_log2,
@@ -261,7 +263,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
       Wgmma64x64x16NMajorB<E>(o, pa[kk], v_desc + kk * kDescDownRows16, true);
     }
     WgmmaCommit();
-    WgmmaWaitAll();
+    WgmmaWait<0>();
     PinRegisters(o);
   });
 
@@ -283,6 +285,121 @@ const char* WgmmaForwardImpl(const SparseAttentionParams& p, const TileWork& w, 
   using Cfg = WgmmaFwdConfig<kTile>;
   return Launch(WgmmaForwardKernel<E, kTile>, grid, Cfg::SmemBytes(sizeof(T)), stream, p, w,
                 Cfg::kThreads);
+}
+
+// The dq kernel on warpgroup products, head_dim 64: the sm_80 dq kernel's tile (64 queries, a
+// warpgroup of four warps with 16 rows each), step loop, dS and epilogue. Per step of 64 keys:
+// S = Q K^T and dP = dO V^T from the swizzled tiles, as two groups, so that P's exponentials
+// are computed while dP's products run; then dq += dS K with dS from registers and K read
+// N-major.
+struct WgmmaDqConfig {
+  static constexpr int kD = 64, kKeys = 64, kThreads = 128;
+  static constexpr int kTileElems = 64 * 64;
+  // Four CTAs (16 warps) per SM, as the sm_80 dq kernel: 128 registers a thread.
+  static constexpr int kMinBlocks = 4;
+  // Q and dO, then K and V (two of each): six swizzled tiles, 1024-byte aligned (hence the
+  // slack); then the key bias of two steps.
+  static constexpr size_t SmemBytes(size_t elem) {
+    return 1024 + elem * 6 * kTileElems + sizeof(float) * 2 * kKeys;
+  }
+};
+
+template <ElementType E>
+__global__ void __launch_bounds__(WgmmaDqConfig::kThreads, WgmmaDqConfig::kMinBlocks)
+    WgmmaDqKernel(const SparseAttentionParams p, const TileWork w) {
+#if defined(TSA_WGMMA_DEVICE)
+  using Cfg = WgmmaDqConfig;
+  using T = typename Elem<E>::T;
+  constexpr int D = Cfg::kD, KN = Cfg::kKeys, NT = KN / 8, TH = Cfg::kThreads;
+  constexpr int TE = Cfg::kTileElems;
+  static_assert(kTile == 64, "one warpgroup per query tile");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + TE;
+  T* sK = sdO + TE;     // [2][KN][D]
+  T* sV = sK + 2 * TE;  // [2][KN][D]
+  float* sBias = reinterpret_cast<float*>(sV + 2 * TE);
+
+  const QueryCta<T, D, kTile> cta(p, w);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, t4 = lane & 3;
+  const int ngroups = (cta.e1 - cta.e0 + 3) / 4;
+  const int32_t* ent = w.q_entries;
+
+  auto load_group = [&](int grp, int buf) {
+    LoadKeyStep<T, D, Swizzled128Rows, KN, TH>(sK + buf * TE, sV + buf * TE, sBias + buf * KN,
+                                               cta.k, cta.v, cta.bias, cta.stride, ent,
+                                               cta.e0 + grp * 4, cta.e1);
+  };
+
+  int row_i[2], sub[2];
+  float lse2[2], delta[2];
+  DqPrologue<E, D, Swizzled128Rows, TH>(p, w, cta, sQ, sdO, ngroups, load_group, warp, lane,
+                                        row_i, sub, lse2, delta);
+  const float sl = p.scale * kLog2e;
+  const uint64_t q_desc = SwizzledTileDesc(sQ), do_desc = SwizzledTileDesc(sdO);
+  float dq[D / 8][4], s[NT][4], dp[NT][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) dq[n][x] = s[n][x] = dp[n][x] = 0.f;
+  }
+
+  // At each step's barrier the step's loads have landed, and the warpgroup has finished the
+  // previous step's products, so that their buffers may be refilled.
+  ForEachStep<4, true>(
+      ngroups, cta.e0, cta.e1, ent, [&] { NextStepForAsyncProxy(); }, load_group,
+      [&](int buf, int e, const int (&ks)[4], const int32_t (&info)[4], bool partial) {
+    const uint64_t k_desc = SwizzledTileDesc(sK + buf * TE);
+    const uint64_t v_desc = SwizzledTileDesc(sV + buf * TE);
+    PinRegisters(s);
+    PinRegisters(dp);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      Wgmma64x64x16Shared<E>(s, q_desc + kk * kDescAlongRow16, k_desc + kk * kDescAlongRow16,
+                             kk > 0);
+    }
+    WgmmaCommit();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      Wgmma64x64x16Shared<E>(dp, do_desc + kk * kDescAlongRow16, v_desc + kk * kDescAlongRow16,
+                             kk > 0);
+    }
+    WgmmaCommit();
+    WgmmaWait<1>();
+    PinRegisters(s);
+    DqScores(p, s, dp, partial, sl, lse2, delta,
+             cta.bias != nullptr ? sBias + buf * KN : nullptr, ks, info, sub, row_i, t4, [&] {
+      WgmmaWait<0>();
+      PinRegisters(dp);
+    });
+    uint32_t pa[KN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < KN / 16; ++kk) PackA<E>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+    PinRegisters(dq);
+    PinRegisters(pa);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < KN / 16; ++kk) {
+      Wgmma64x64x16NMajorB<E>(dq, pa[kk], k_desc + kk * kDescDownRows16, true);
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    PinRegisters(dq);
+  });
+
+  WriteDqRows<E>(p, cta, dq, row_i, t4);
+#endif
+}
+
+template <ElementType E>
+const char* WgmmaDqImpl(const SparseAttentionParams& p, const TileWork& w, void* stream) {
+  using T = typename Elem<E>::T;
+  dim3 grid;
+  if (const char* err = FlatGrid(QueryTiles(p), p, &grid)) return err;
+  return Launch(WgmmaDqKernel<E>, grid, WgmmaDqConfig::SmemBytes(sizeof(T)), stream, p, w,
+                WgmmaDqConfig::kThreads);
 }
 
 // The dk/dv kernel on warpgroup products, head_dim 64, for 64-key tiles (wide or paired): one
@@ -375,7 +492,7 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
                              kk > 0);
     }
     WgmmaCommit();
-    WgmmaWaitAll();
+    WgmmaWait<0>();
     PinRegisters(s);
     PinRegisters(dp);
 
@@ -422,7 +539,7 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
       }
     }
     WgmmaCommit();
-    WgmmaWaitAll();
+    WgmmaWait<0>();
     PinRegisters(dk);
     PinRegisters(dv);
     if constexpr (kFusedDq) {

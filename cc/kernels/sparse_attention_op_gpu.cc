@@ -170,12 +170,12 @@ Status MaybePoison(OpKernelContext* ctx, std::initializer_list<std::pair<void*, 
 // kernel into a float32 accumulator) or, with TF_SPARSE_ATTN_GPU_DQ unset, whichever
 // PreferAtomicDq picks for the layout. Op determinism
 // (tf.config.experimental.enable_op_determinism) always gets the deterministic kernels.
-Status UseAtomicDq(const SparseAttentionParams& p, int key_tile, bool* atomic) {
+Status UseAtomicDq(const SparseAttentionParams& p, int key_tile, bool wgmma, bool* atomic) {
   *atomic = false;
   if (!gpu::HasMma(p) || ::tsl::OpDeterminismRequired()) return ::tensorflow::OkStatus();
   const char* mode = std::getenv("TF_SPARSE_ATTN_GPU_DQ");
   if (mode == nullptr || mode[0] == '\0') {
-    *atomic = gpu::PreferAtomicDq(p, key_tile);
+    *atomic = gpu::PreferAtomicDq(p, key_tile, wgmma);
   } else if (std::strcmp(mode, "atomic") == 0) {
     *atomic = true;
   } else if (std::strcmp(mode, "deterministic") != 0) {
@@ -185,7 +185,7 @@ Status UseAtomicDq(const SparseAttentionParams& p, int key_tile, bool* atomic) {
   return ::tensorflow::OkStatus();
 }
 
-// Whether the forward and dk/dv kernels run on warpgroup products (sm_90a, head_dim 64) where
+// Whether the forward, dq and dk/dv kernels run on warpgroup products (sm_90a, head_dim 64) where
 // the build and the device allow: TF_SPARSE_ATTN_GPU_WGMMA=0 keeps the sm_80 kernels.
 Status UseWgmma(bool* wgmma) {
   *wgmma = false;
@@ -254,7 +254,7 @@ struct SparseAttentionRunner<GPUDevice> {
     w.delta = delta.flat<float>().data();
     TF_RETURN_IF_ERROR(UseWgmma(&w.wgmma));
     bool atomic = false;
-    TF_RETURN_IF_ERROR(UseAtomicDq(p, w.key_tile, &atomic));
+    TF_RETURN_IF_ERROR(UseAtomicDq(p, w.key_tile, w.wgmma, &atomic));
     Tensor dq_accum;
     if (atomic) {
       TF_RETURN_IF_ERROR(ctx->allocate_temp(

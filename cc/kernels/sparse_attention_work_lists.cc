@@ -201,13 +201,17 @@ HostWorkLists BuildWorkLists(const SparseAttentionParams& p, ListKind kind) {
   return lists;
 }
 
-bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile) {
+bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile, bool wgmma) {
   if (!HasMma(p) || key_tile != kTile || p.q_len == 0) return false;
+  // With the sm_90a dq kernel the deterministic pair is as fast or faster (H200, backward,
+  // d = 64): dense causal at T = 16384 4.83 ms against 4.81, fixed 1.44 against 1.47, dense
+  // at T = 4096 0.397 against 0.410.
+  if (wgmma && p.head_dim == 64) return false;
   // Keys a query attends on average, counting whole blocks. Measured against the deterministic
-  // pair (H200, backward; d = 64 with the sm_90a dk/dv kernels): at d = 64 dense causal at
-  // T = 16384 (8224 keys) gained 19%, fixed at T = 16384 (2112) 12%, dense at T = 4096 (2080)
-  // 9%; fixed at T = 4096 (576) lost 4%, local (191) 6%, strided (80) 29%; at d = 128 (sm_80
-  // kernels) dense gained 14%, fixed 10%.
+  // pair (H200, backward, with the sm_80 dq kernel; d = 64 with the sm_90a dk/dv kernels): at
+  // d = 64 dense causal at T = 16384 (8224 keys) gained 19%, fixed at T = 16384 (2112) 12%,
+  // dense at T = 4096 (2080) 9%; fixed at T = 4096 (576) lost 4%, local (191) 6%, strided (80)
+  // 29%; at d = 128 (sm_80 kernels) dense gained 14%, fixed 10%.
   constexpr double kMinKeysPerQuery = 1024;
   const double keys = static_cast<double>(p.nnz) * p.block_size /
                       (static_cast<double>(p.layout_heads) * p.num_q_blocks);
