@@ -160,6 +160,27 @@ __device__ __forceinline__ void Wgmma64x64x16Shared(float (&d)[8][4], uint64_t d
 #endif
 }
 
+// d (+)= a b for a 16x32 B: 32 rows of a K-major swizzled tile at desc_b (as Q's rows are in
+// K Q^T), A as in Wgmma64x64x16Shared (K-major), d 64x32 float32 (four n-tiles of 8 columns).
+template <ElementType E>
+__device__ __forceinline__ void Wgmma64x32x16Shared(float (&d)[4][4], uint64_t desc_a,
+                                                    uint64_t desc_b, bool accumulate) {
+#if defined(TSA_WGMMA_DEVICE)
+#define TSA_WGMMA_ASM(TYPES)                                                                  \
+  asm volatile("{\n.reg .pred acc;\nsetp.ne.b32 acc, %18, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPES                            \
+               " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}"                      \
+               ", %16, %17, acc, 1, 1, 0, 0;\n}\n"                                             \
+               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),    \
+                 "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),    \
+                 "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),    \
+                 "+f"(d[3][3])                                                                \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0))
+  TSA_WGMMA_FOR_TYPES(E, TSA_WGMMA_ASM);
+#undef TSA_WGMMA_ASM
+#endif
+}
+
 #undef TSA_WGMMA_FOR_TYPES
 #undef TSA_WGMMA_ACC_OPERANDS
 #undef TSA_WGMMA_ACC_LIST
@@ -406,26 +427,34 @@ const char* WgmmaDqImpl(const SparseAttentionParams& p, const TileWork& w, void*
 // warpgroup of four warps, 16 keys each, as in the sm_80 kernel, whose tile setup, loads,
 // masking and epilogue it shares. Per step of 64 queries: S^T = K Q^T and dP^T = V dO^T from
 // the swizzled tiles; P^T and dS^T in registers become the A operands of dV += P^T dO and
-// dK += dS^T Q (dO and Q read N-major); with kFusedDq, dS^T also goes to a swizzled tile that
-// dq += dS K reads M-major, and each warp adds its 16 queries' dq to the accumulator.
+// dK += dS^T Q (dO and Q read N-major). With kFusedDq, dS^T also goes to a swizzled tile that
+// dq += dS K reads M-major, and each warp adds its 16 queries' dq to the accumulator. Without,
+// the step goes in two halves of 32 queries, so that three CTAs fit per SM.
 struct WgmmaDkvConfig {
   static constexpr int kD = 64, kKeys = 64, kQueries = 64, kThreads = 128;
   static constexpr int kTileElems = 64 * 64;
-  // K, V, Q and dO (two each), dS^T: seven swizzled tiles, 1024-byte aligned (hence the
-  // slack); then lse and delta of two steps.
-  static constexpr size_t SmemBytes(size_t elem) {
-    return 1024 + elem * 7 * kTileElems + sizeof(float) * 4 * kQueries;
+  // K, V, Q and dO (two each), and with the fused dq the dS^T tile: swizzled tiles, 1024-byte
+  // aligned (hence the slack); then lse and delta of two steps.
+  static constexpr size_t SmemBytes(size_t elem, bool fused_dq) {
+    return 1024 + elem * (fused_dq ? 7 : 6) * kTileElems + sizeof(float) * 4 * kQueries;
   }
+  // CTAs per SM. The deterministic kernel's half steps need 146 registers, which allow three:
+  // H200, T = 16384, d = 64, against two with whole steps (186 registers), dk/dv of local
+  // 12% faster, strided 11%, fixed 8%, dense 2%, but fixed at T = 4096 10% slower. The fused
+  // kernel keeps whole steps and two: capped for three, ptxas serialised its products (C7512).
+  static constexpr int MinBlocks(bool fused_dq) { return fused_dq ? 2 : 3; }
 };
 
 template <ElementType E, KeyTiling kTiling, bool kFusedDq>
-__global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
+__global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinBlocks(kFusedDq))
     WgmmaDkvKernel(const SparseAttentionParams p, const TileWork w) {
 #if defined(TSA_WGMMA_DEVICE)
   using Cfg = WgmmaDkvConfig;
   using T = typename Elem<E>::T;
   constexpr int D = Cfg::kD, KT = Cfg::kKeys, QN = Cfg::kQueries, NT = QN / 8, NC = QN / 16;
   constexpr int TH = Cfg::kThreads, TE = Cfg::kTileElems;
+  // Score n-tiles held at a time: a whole step's, or a half step's.
+  constexpr int SN = kFusedDq ? NT : NT / 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
   T* sK = reinterpret_cast<T*>(smem);
@@ -433,7 +462,7 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
   T* sQ = sV + TE;        // [2][QN][D]
   T* sdO = sQ + 2 * TE;   // [2][QN][D]
   T* sdS = sdO + 2 * TE;  // dS^T [KT][QN], only when kFusedDq
-  float* sLse = reinterpret_cast<float*>(sdS + TE);
+  float* sLse = reinterpret_cast<float*>(sdS + (kFusedDq ? TE : 0));
   float* sDelta = sLse + 2 * QN;
 
   const DkvCta<T, D, KT, kTiling> cta(p, w);
@@ -461,14 +490,48 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
   float bias2[2];
   cta.KeyBias2(p, row_j, bias2);
   const float sl = p.scale * kLog2e;
-  float dk[D / 8][4], dv[D / 8][4], s[NT][4], dp[NT][4], dq[D / 8][4];
+  float dk[D / 8][4], dv[D / 8][4], dq[kFusedDq ? D / 8 : 1][4], s[SN][4], dp[SN][4];
 #pragma unroll
-  for (int n = 0; n < 8; ++n) {
+  for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
-    for (int x = 0; x < 4; ++x) dk[n][x] = dv[n][x] = s[n][x] = dp[n][x] = dq[n][x] = 0.f;
+    for (int x = 0; x < 4; ++x) dk[n][x] = dv[n][x] = 0.f;
+  }
+#pragma unroll
+  for (int n = 0; n < (kFusedDq ? D / 8 : 1); ++n) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) dq[n][x] = 0.f;
+  }
+#pragma unroll
+  for (int n = 0; n < SN; ++n) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) s[n][x] = dp[n][x] = 0.f;
   }
   const uint64_t k_desc = SwizzledTileDesc(sK), v_desc = SwizzledTileDesc(sV);
-  const uint64_t ds_desc = SwizzledTileDesc(sdS);
+
+  // dV += P^T dO and dK += dS^T Q over the step's queries 16 kk0 ... with P^T and dS^T from the
+  // score accumulators, then (with the fused dq) dq += dS K; waits for them all.
+  auto key_products = [&](uint64_t q_desc, uint64_t do_desc, int kk0, auto&& between) {
+    uint32_t pa[SN / 2][4], da[SN / 2][4];
+#pragma unroll
+    for (int kk = 0; kk < SN / 2; ++kk) {
+      PackA<E>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+      PackA<E>(da[kk], dp[2 * kk], dp[2 * kk + 1]);
+    }
+    between(da);
+    PinRegisters(dk);
+    PinRegisters(dv);
+    PinRegisters(pa);
+    PinRegisters(da);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < SN / 2; ++kk) {
+      Wgmma64x64x16NMajorB<E>(dv, pa[kk], do_desc + (kk0 + kk) * kDescDownRows16, true);
+    }
+#pragma unroll
+    for (int kk = 0; kk < SN / 2; ++kk) {
+      Wgmma64x64x16NMajorB<E>(dk, da[kk], q_desc + (kk0 + kk) * kDescDownRows16, true);
+    }
+  };
 
   // At each step's barrier the step's loads have landed, and every warp has finished the
   // previous step's products (and read dS^T), so that their buffers may be refilled.
@@ -477,78 +540,89 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, 2)
       [&](int buf, int e, const int (&qs)[NC], const int32_t (&info)[NC], bool partial) {
     const uint64_t q_desc = SwizzledTileDesc(sQ + buf * TE);
     const uint64_t do_desc = SwizzledTileDesc(sdO + buf * TE);
-
-    PinRegisters(s);
-    PinRegisters(dp);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      Wgmma64x64x16Shared<E>(s, k_desc + kk * kDescAlongRow16, q_desc + kk * kDescAlongRow16,
-                             kk > 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      Wgmma64x64x16Shared<E>(dp, v_desc + kk * kDescAlongRow16, do_desc + kk * kDescAlongRow16,
-                             kk > 0);
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    PinRegisters(s);
-    PinRegisters(dp);
-
-    TransposedProbabilities(p, s, dp, partial, sl, bias2, sLse + buf * QN, sDelta + buf * QN,
-                            qs, info, sub, row_j, t4);
-    uint32_t pa[QN / 16][4], da[QN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < QN / 16; ++kk) {
-      PackA<E>(pa[kk], s[2 * kk], s[2 * kk + 1]);
-      PackA<E>(da[kk], dp[2 * kk], dp[2 * kk + 1]);
-    }
     if constexpr (kFusedDq) {
-      // The warp's rows of dS^T, swizzled like the loaded tiles: columns 16 kk + 8 half.
+      PinRegisters(s);
+      PinRegisters(dp);
+      WgmmaFence();
 #pragma unroll
-      for (int kk = 0; kk < QN / 16; ++kk) {
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          const int row = warp * 16 + g + 8 * (x & 1), piece = 2 * kk + (x >> 1);
-          *reinterpret_cast<uint32_t*>(sdS + Swizzled128Rows::At(row, piece) + 2 * t4) =
-              da[kk][x];
-        }
+      for (int kk = 0; kk < D / 16; ++kk) {
+        Wgmma64x64x16Shared<E>(s, k_desc + kk * kDescAlongRow16, q_desc + kk * kDescAlongRow16,
+                               kk > 0);
       }
-      FenceSharedForAsyncProxy();
-      __syncthreads();
-    }
-    PinRegisters(dk);
-    PinRegisters(dv);
-    PinRegisters(pa);
-    PinRegisters(da);
-    WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < QN / 16; ++kk) {
-      Wgmma64x64x16NMajorB<E>(dv, pa[kk], do_desc + kk * kDescDownRows16, true);
-    }
+      for (int kk = 0; kk < D / 16; ++kk) {
+        Wgmma64x64x16Shared<E>(dp, v_desc + kk * kDescAlongRow16,
+                               do_desc + kk * kDescAlongRow16, kk > 0);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      PinRegisters(s);
+      PinRegisters(dp);
+      TransposedProbabilities(p, s, dp, partial, sl, bias2, sLse + buf * QN,
+                              sDelta + buf * QN, qs, info, sub, row_j, t4);
+      key_products(q_desc, do_desc, 0, [&](const uint32_t (&da)[SN / 2][4]) {
+        // The warp's rows of dS^T, swizzled like the loaded tiles: columns 16 kk + 8 half.
 #pragma unroll
-    for (int kk = 0; kk < QN / 16; ++kk) {
-      Wgmma64x64x16NMajorB<E>(dk, da[kk], q_desc + kk * kDescDownRows16, true);
-    }
-    if constexpr (kFusedDq) {
+        for (int kk = 0; kk < QN / 16; ++kk) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            const int row = warp * 16 + g + 8 * (x & 1), piece = 2 * kk + (x >> 1);
+            *reinterpret_cast<uint32_t*>(sdS + Swizzled128Rows::At(row, piece) + 2 * t4) =
+                da[kk][x];
+          }
+        }
+        FenceSharedForAsyncProxy();
+        __syncthreads();
+      });
+      const uint64_t ds_desc = SwizzledTileDesc(sdS);
 #pragma unroll
       for (int kk = 0; kk < KT / 16; ++kk) {
         Wgmma64x64x16Shared<E, true, true>(dq, ds_desc + kk * kDescDownRows16,
                                            k_desc + kk * kDescDownRows16, kk > 0);
       }
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    PinRegisters(dk);
-    PinRegisters(dv);
-    if constexpr (kFusedDq) {
+      WgmmaCommit();
+      WgmmaWait<0>();
+      PinRegisters(dk);
+      PinRegisters(dv);
       PinRegisters(dq);
       // The warp's 16 queries are the step's chunk `warp`, in DqAccumIndex order per n-tile.
       if (e + warp < e1) {
         float* chunk = w.dq_accum + cta.accum_bh + static_cast<int64_t>(ent[2 * (e + warp)]) * D;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) ReduceAdd4(chunk + DqAccumIndex(n, lane), dq[n]);
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // Queries 32 h ...: rows 32 h of the Q and dO tiles.
+        constexpr uint64_t kHalfRows = 32 * 128 >> 4;
+        PinRegisters(s);
+        PinRegisters(dp);
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          Wgmma64x32x16Shared<E>(s, k_desc + kk * kDescAlongRow16,
+                                 q_desc + h * kHalfRows + kk * kDescAlongRow16, kk > 0);
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          Wgmma64x32x16Shared<E>(dp, v_desc + kk * kDescAlongRow16,
+                                 do_desc + h * kHalfRows + kk * kDescAlongRow16, kk > 0);
+        }
+        WgmmaCommit();
+        WgmmaWait<0>();
+        PinRegisters(s);
+        PinRegisters(dp);
+        const int half_qs[2] = {qs[2 * h], qs[2 * h + 1]};
+        const int32_t half_info[2] = {info[2 * h], info[2 * h + 1]};
+        TransposedProbabilities(p, s, dp, partial, sl, bias2, sLse + buf * QN + 32 * h,
+                                sDelta + buf * QN + 32 * h, half_qs, half_info, sub, row_j,
+                                t4);
+        key_products(q_desc, do_desc, 2 * h, [](const uint32_t (&)[SN / 2][4]) {});
+        WgmmaCommit();
+        WgmmaWait<0>();
+        PinRegisters(dk);
+        PinRegisters(dv);
       }
     }
   });
@@ -562,8 +636,9 @@ const char* WgmmaDkvImpl(const SparseAttentionParams& p, const TileWork& w, void
   using T = typename Elem<E>::T;
   dim3 grid;
   if (const char* err = FlatGrid(KeyTiles(p, w), p, &grid)) return err;
-  return Launch(WgmmaDkvKernel<E, kTiling, kFusedDq>, grid, WgmmaDkvConfig::SmemBytes(sizeof(T)),
-                stream, p, w, WgmmaDkvConfig::kThreads);
+  return Launch(WgmmaDkvKernel<E, kTiling, kFusedDq>, grid,
+                WgmmaDkvConfig::SmemBytes(sizeof(T), kFusedDq), stream, p, w,
+                WgmmaDkvConfig::kThreads);
 }
 
 }  // namespace detail
