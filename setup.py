@@ -20,7 +20,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LIBRARY = "tf_sparse_attn._sparse_attention_ops"
 # SASS for Ampere and Hopper plus PTX, so newer GPUs can still JIT the kernels. Hopper's SASS is
-# built for sm_90a, whose warpgroup products (wgmma) the forward and dk/dv kernels use;
+# built for sm_90a, whose warpgroup products (wgmma) the forward, dq and dk/dv kernels use;
 # TSA_WITH_SM90A tells the host code that those kernels exist.
 CUDA_ARCH_FLAGS = [
     "-gencode=arch=compute_80,code=sm_80",
