@@ -453,7 +453,7 @@ struct QueryCta {
     k = static_cast<const T*>(p.k) + kv_base;
     v = static_cast<const T*>(p.v) + kv_base;
     out = static_cast<T*>(p.out) + q_base;
-    d_out = static_cast<const T*>(p.d_out) + q_base;
+    d_out = p.d_out != nullptr ? static_cast<const T*>(p.d_out) + q_base : nullptr;
     bias = p.key_bias ? p.key_bias + static_cast<int64_t>(b) * p.kv_len : nullptr;
     const int32_t* list = w.q_offsets + p.layout_head(h) * tiles + tile;
     e0 = list[0];
