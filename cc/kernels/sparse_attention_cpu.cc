@@ -360,7 +360,8 @@ struct Packed {
   const float* DOp(int g, int qb) const { return dop + QBlock(g, qb) * p->value_dim; }
   const float* DOt(int g, int qb) const { return dot + QBlock(g, qb) * p->value_dim; }
   const float* Row(const float* per_query, int g, int qb) const {
-    return per_query + static_cast<int64_t>(g) * p->q_len + static_cast<int64_t>(qb) * p->block_size;
+    return per_query + static_cast<int64_t>(g) * p->q_len +
+           static_cast<int64_t>(qb) * p->block_size;
   }
 };
 

@@ -499,21 +499,17 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
   float* sBias = reinterpret_cast<float*>(sV + 2 * KN * S);
 
   const QueryCta<T, D, ROWS> cta(p, w);
-  const int bh = cta.bh, q0 = cta.q0, e0 = cta.e0, e1 = cta.e1;
-  const int64_t stride = cta.stride;
-  const T *qp = cta.q, *kp = cta.k, *vp = cta.v;
-  const float* bias = cta.bias;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int ngroups = (e1 - e0 + 3) / 4;
+  const int ngroups = (cta.e1 - cta.e0 + 3) / 4;
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
     LoadKeyStep<T, D, PaddedRows<S>, KN, TH>(sK + buf * KN * S, sV + buf * KN * S,
-                                             sBias + buf * KN, kp, vp, bias, stride, ent,
-                                             e0 + grp * 4, e1);
+                                             sBias + buf * KN, cta.k, cta.v, cta.bias,
+                                             cta.stride, ent, cta.e0 + grp * 4, cta.e1);
   };
 
-  LoadRows<T, D, PaddedRows<S>, ROWS, TH>(sQ, qp, stride, q0, p.q_len);
+  LoadRows<T, D, PaddedRows<S>, ROWS, TH>(sQ, cta.q, cta.stride, cta.q0, p.q_len);
   if (ngroups > 0) load_group(0, 0);
   CpAsyncCommit();
   CpAsyncWait<0>();
@@ -536,11 +532,11 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
       m[mt][r] = -kInf;
       l[mt][r] = 0.f;
     }
-    MTileRows(p, q0, q0 + warp * WR + mt * 16, g, row_i[mt], sub[mt]);
+    MTileRows(p, cta.q0, cta.q0 + warp * WR + mt * 16, g, row_i[mt], sub[mt]);
   }
 
   ForEachStep<4, false>(
-      ngroups, e0, e1, ent, [&] { NextStep(); }, load_group,
+      ngroups, cta.e0, cta.e1, ent, [&] { NextStep(); }, load_group,
       [&](int buf, int e, const int (&ks)[4], const int32_t (&info)[4], bool partial) {
     const T* cK = sK + buf * KN * S;
     const T* cV = sV + buf * KN * S;
@@ -564,7 +560,7 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
       }
     }
 
-    const float* step_bias = bias != nullptr ? sBias + buf * KN : nullptr;
+    const float* step_bias = cta.bias != nullptr ? sBias + buf * KN : nullptr;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       OnlineSoftmaxStep(p, s[mt], o[mt], m[mt], l[mt], partial, cta.raw, cta.sl, cta.to_log2,
@@ -590,8 +586,8 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
 
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    WriteForwardRows<E>(p, cta.out, stride, static_cast<int64_t>(bh) * p.q_len, o[mt], m[mt],
-                        l[mt], row_i[mt], t4);
+    WriteForwardRows<E>(p, cta.out, cta.stride, static_cast<int64_t>(cta.bh) * p.q_len, o[mt],
+                        m[mt], l[mt], row_i[mt], t4);
   }
 }
 

@@ -220,20 +220,17 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
   float* sBias = reinterpret_cast<float*>(sV + 2 * TE);
 
   const QueryCta<T, D, ROWS> cta(p, w);
-  const int bh = cta.bh, q0 = cta.q0, e0 = cta.e0, e1 = cta.e1;
-  const int64_t stride = cta.stride;
-  const T *qp = cta.q, *kp = cta.k, *vp = cta.v;
-  const float* bias = cta.bias;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int ngroups = (e1 - e0 + 3) / 4;
+  const int ngroups = (cta.e1 - cta.e0 + 3) / 4;
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
     LoadKeyStep<T, D, Swizzled128Rows, KN, TH>(sK + buf * TE, sV + buf * TE, sBias + buf * KN,
-                                               kp, vp, bias, stride, ent, e0 + grp * 4, e1);
+                                               cta.k, cta.v, cta.bias, cta.stride, ent,
+                                               cta.e0 + grp * 4, cta.e1);
   };
 
-  LoadRows<T, D, Swizzled128Rows, ROWS, TH>(sQ, qp, stride, q0, p.q_len);
+  LoadRows<T, D, Swizzled128Rows, ROWS, TH>(sQ, cta.q, cta.stride, cta.q0, p.q_len);
   if (ngroups > 0) load_group(0, 0);
   CpAsyncCommit();
   NextStepForAsyncProxy();
@@ -250,12 +247,12 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
   for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
   float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};
   int row_i[2], sub[2];
-  MTileRows(p, q0, q0 + warp * 16, g, row_i, sub);
+  MTileRows(p, cta.q0, cta.q0 + warp * 16, g, row_i, sub);
 
   // At each step's barrier every warpgroup has waited for its products of the previous step,
   // so that their buffers may be refilled.
   ForEachStep<4, false>(
-      ngroups, e0, e1, ent, [&] { NextStepForAsyncProxy(); }, load_group,
+      ngroups, cta.e0, cta.e1, ent, [&] { NextStepForAsyncProxy(); }, load_group,
       [&](int buf, int e, const int (&ks)[4], const int32_t (&info)[4], bool partial) {
     const uint64_t k_desc = SwizzledTileDesc(sK + buf * TE);
     PinRegisters(s);
@@ -270,7 +267,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
     PinRegisters(s);
 
     OnlineSoftmaxStep(p, s, o, m, l, partial, cta.raw, cta.sl, cta.to_log2,
-                      bias != nullptr ? sBias + buf * KN : nullptr, ks, info, sub, row_i, t4);
+                      cta.bias != nullptr ? sBias + buf * KN : nullptr, ks, info, sub, row_i, t4);
 
     uint32_t pa[KN / 16][4];
 #pragma unroll
@@ -288,8 +285,8 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
     PinRegisters(o);
   });
 
-  WriteForwardRows<E>(p, cta.out, stride, static_cast<int64_t>(bh) * p.q_len, o, m, l, row_i,
-                      t4);
+  WriteForwardRows<E>(p, cta.out, cta.stride, static_cast<int64_t>(cta.bh) * p.q_len, o, m, l,
+                      row_i, t4);
 #endif
 }
 

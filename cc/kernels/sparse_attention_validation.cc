@@ -393,9 +393,10 @@ Status ValidateBackwardInputs(OpKernelContext* ctx, const AttentionAttrs& attrs,
               col, " (col_offsets[", col, "] .. col_offsets[", col + 1, "])");
         }
         if (csc_flags[c] != p->block_flags[e]) {
-          return InvalidArgument("csc_flags[", c, "] = ", csc_flags[c], " differs from block_flags[",
-                                 e, "] = ", p->block_flags[e], " for the same block (layout head ",
-                                 lh, ", query block ", qb, ", key block ", kb, ")");
+          return InvalidArgument("csc_flags[", c, "] = ", csc_flags[c],
+                                 " differs from block_flags[", e, "] = ", p->block_flags[e],
+                                 " for the same block (layout head ", lh, ", query block ", qb,
+                                 ", key block ", kb, ")");
         }
         cursor[col] = c + 1;
       }
