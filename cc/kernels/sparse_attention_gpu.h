@@ -74,8 +74,8 @@ struct TileWork {
   // empty half; [layout_heads * KeyTiles(p, w) * 2].
   const int32_t* k_halves = nullptr;
   int query_tile = kTile;  // query rows of a forward tile that the q lists were built for
-  // Run the sm_90a forward, dq and dk/dv kernels (head_dim 64; dk/dv on 64-key tiles) rather than
-  // the sm_80 ones: only where WgmmaAvailable().
+  // Run the sm_90a forward, dq and dk/dv kernels (dk/dv on 64-key tiles) rather than the sm_80
+  // ones: set only for tensor-core problems at head_dim 64 where WgmmaAvailable().
   bool wgmma = false;
   int key_tile = kTile;    // key rows of a dk/dv tile that the k lists were built for
   float* delta = nullptr;  // [batch, heads, q_len] scratch of the backward pass

@@ -17,9 +17,9 @@
 // Deterministic by default: every output element is owned by one thread of one CTA. Where the
 // host passes a float32 dq accumulator (TileWork::dq_accum), the dk/dv kernel also computes
 // dS K and adds it to the accumulator straight from registers (16-byte vector reductions on
-// sm_90, atomics per element before it), and the dq kernel with
-// its second computation of S and dP is skipped: two products of seven per pair fewer, at the
-// price of a summation order that varies.
+// sm_90, atomics per element before it), and the dq kernel with its second computation of S
+// and dP is skipped: two products of seven per pair fewer, at the price of a summation order
+// that varies (gpu::PreferAtomicDq decides; never where the sm_90a kernels run).
 //
 // Scalar path (float32, other head sizes): one warp per row, the same work lists.
 #ifndef TF_SPARSE_ATTN_CC_KERNELS_SPARSE_ATTENTION_KERNELS_CUH_
@@ -257,24 +257,6 @@ __device__ __forceinline__ void LoadRows(T* dst, const T* src, int64_t token_str
   }
 }
 
-// Gathers one step of 64 keys (four chunks of the work list from entry e; chunks >= e1 are
-// zero-filled) into K and V shared buffers laid out as Rows, and their key bias when there is
-// one: the step loader of the forward and dq kernels.
-template <typename T, int D, typename Rows, int KN, int THREADS>
-__device__ __forceinline__ void LoadKeyStep(T* sK, T* sV, float* sBias, const T* kp,
-                                            const T* vp, const float* bias, int64_t stride,
-                                            const int32_t* ent, int e, int e1) {
-  const int nvalid = min(KN / kChunk, e1 - e);
-  GatherRowPairs<T, D, Rows, KN, THREADS>(sK, sV, kp, vp, stride, ent + 2 * e, nvalid);
-  const int tid = threadIdx.x;
-  if (bias != nullptr && tid < KN) {
-    const int chunk = tid >> 4;
-    const bool valid = chunk < nvalid;
-    const int token = valid ? ent[2 * (e + chunk)] + (tid & 15) : 0;
-    CpAsync4(sBias + tid, bias + token, valid ? 4 : 0);
-  }
-}
-
 // The N work-list entries of one step from entry e (those >= e1 are empty): each chunk's first
 // token and info. Returns whether any pair of the step may be masked (a partial or empty
 // chunk), i.e. whether the token rules apply.
@@ -424,7 +406,8 @@ __device__ __forceinline__ void WriteForwardRows(const SparseAttentionParams& p,
 // Where a forward or dq CTA works: its tile of ROWS queries (causal rows late in the sequence
 // carry the most work, so they start first, tile-major over (batch, head) so that the heaviest
 // tiles of every head go in the first waves), its (batch, head), the bases of its q, k, v, out,
-// d_out and key bias, and its span [e0, e1) of work-list entries.
+// d_out and key bias, and its span [e0, e1) of work-list entries, whose keys LoadKeyStep
+// gathers.
 template <typename T, int D, int ROWS>
 struct QueryCta {
   int bh, q0, e0, e1;
@@ -461,6 +444,24 @@ struct QueryCta {
     sl = p.scale * kLog2e;
     raw = bias == nullptr && sl > 0.f;
     to_log2 = raw ? sl : 1.f;
+  }
+
+  // Gathers step grp's KN keys from the CTA's list (KN / 16 chunks; those past the list
+  // zero-filled) into K and V shared buffers laid out as Rows, and their key bias when there
+  // is one.
+  template <typename Rows, int KN, int THREADS>
+  __device__ __forceinline__ void LoadKeyStep(T* sK, T* sV, float* sBias, const int32_t* ent,
+                                              int grp) const {
+    const int e = e0 + grp * (KN / kChunk);
+    const int nvalid = min(KN / kChunk, e1 - e);
+    GatherRowPairs<T, D, Rows, KN, THREADS>(sK, sV, k, v, stride, ent + 2 * e, nvalid);
+    const int tid = threadIdx.x;
+    if (bias != nullptr && tid < KN) {
+      const int chunk = tid >> 4;
+      const bool valid = chunk < nvalid;
+      const int token = valid ? ent[2 * (e + chunk)] + (tid & 15) : 0;
+      CpAsync4(sBias + tid, bias + token, valid ? 4 : 0);
+    }
   }
 };
 
@@ -504,9 +505,8 @@ __global__ void __launch_bounds__(FwdConfig<D, ROWS>::kThreads,
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
-    LoadKeyStep<T, D, PaddedRows<S>, KN, TH>(sK + buf * KN * S, sV + buf * KN * S,
-                                             sBias + buf * KN, cta.k, cta.v, cta.bias,
-                                             cta.stride, ent, cta.e0 + grp * 4, cta.e1);
+    cta.template LoadKeyStep<PaddedRows<S>, KN, TH>(sK + buf * KN * S, sV + buf * KN * S,
+                                                    sBias + buf * KN, ent, grp);
   };
 
   LoadRows<T, D, PaddedRows<S>, ROWS, TH>(sQ, cta.q, cta.stride, cta.q0, p.q_len);
@@ -771,9 +771,8 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads, DqConfig<D>::kMinBlocks
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
-    LoadKeyStep<T, D, PaddedRows<S>, KN, TH>(sK + buf * KN * S, sV + buf * KN * S,
-                                             sBias + buf * KN, cta.k, cta.v, cta.bias,
-                                             cta.stride, ent, cta.e0 + grp * 4, cta.e1);
+    cta.template LoadKeyStep<PaddedRows<S>, KN, TH>(sK + buf * KN * S, sV + buf * KN * S,
+                                                    sBias + buf * KN, ent, grp);
   };
 
   int row_i[2], sub[2];
@@ -922,6 +921,24 @@ __device__ __forceinline__ void FusedDqStep(const TileWork& w, const typename El
   }
 }
 
+// The lse and delta of a dk/dv step's QN gathered queries (chunks >= nvalid zero-filled).
+template <int QN, int THREADS>
+__device__ __forceinline__ void LoadQueryStats(float* sLse, float* sDelta, const float* lse,
+                                               const float* delta, const int32_t* ent, int e,
+                                               int nvalid) {
+  for (int idx = threadIdx.x; idx < 2 * QN; idx += THREADS) {
+    const int r = idx % QN;
+    const int chunk = r >> 4;
+    const bool valid = chunk < nvalid;
+    const int token = valid ? ent[2 * (e + chunk)] + (r & 15) : 0;
+    if (idx < QN) {
+      CpAsync4(sLse + r, lse + token, valid ? 4 : 0);
+    } else {
+      CpAsync4(sDelta + r, delta + token, valid ? 4 : 0);
+    }
+  }
+}
+
 // Where a dk/dv CTA works: its tile of KT keys and (batch, head), the bases of its tensors,
 // and its span [e0, e1) of work-list entries. Narrow and paired tiles (sparse columns, e.g. the
 // fixed pattern's summaries) go tile-major over (batch, head), so that the heaviest tiles of
@@ -996,6 +1013,18 @@ struct DkvCta {
         bias2[r] = p.key_bias[static_cast<int64_t>(b) * p.kv_len + row_j[r]] * kLog2e;
     }
   }
+
+  // Gathers step grp's QN queries from the CTA's list, Q and dO laid out as Rows, with their
+  // lse and delta (chunks past the list zero-filled).
+  template <typename Rows, int QN, int THREADS>
+  __device__ __forceinline__ void LoadQueryStep(T* sQ, T* sdO, float* sLse, float* sDelta,
+                                                const int32_t* ent, int grp) const {
+    constexpr int NC = QN / 16;
+    const int e = e0 + grp * NC;
+    const int nvalid = min(NC, e1 - e);
+    GatherRowPairs<T, D, Rows, QN, THREADS>(sQ, sdO, q, d_out, stride, ent + 2 * e, nvalid);
+    LoadQueryStats<QN, THREADS>(sLse, sDelta, lse, delta, ent, e, nvalid);
+  }
 };
 
 // Loads a dk/dv CTA's K and V rows, laid out as Rows: KT contiguous keys, or a paired tile's
@@ -1019,22 +1048,20 @@ __device__ __forceinline__ void LoadKeyTile(T* sK, T* sV, const DkvCta<T, D, KT,
   }
 }
 
-// The lse and delta of a dk/dv step's QN gathered queries (chunks >= nvalid zero-filled).
-template <int QN, int THREADS>
-__device__ __forceinline__ void LoadQueryStats(float* sLse, float* sDelta, const float* lse,
-                                               const float* delta, const int32_t* ent, int e,
-                                               int nvalid) {
-  for (int idx = threadIdx.x; idx < 2 * QN; idx += THREADS) {
-    const int r = idx % QN;
-    const int chunk = r >> 4;
-    const bool valid = chunk < nvalid;
-    const int token = valid ? ent[2 * (e + chunk)] + (r & 15) : 0;
-    if (idx < QN) {
-      CpAsync4(sLse + r, lse + token, valid ? 4 : 0);
-    } else {
-      CpAsync4(sDelta + r, delta + token, valid ? 4 : 0);
-    }
-  }
+// The dk/dv kernels' prologue: the tile's K and V (laid out as Rows) and the first step's
+// loads (load_group) in flight; the lane's key rows, their layout rows and their key bias in
+// log2 units.
+template <typename Rows, int THREADS, typename T, int D, int KT, KeyTiling kTiling,
+          typename Load>
+__device__ __forceinline__ void DkvPrologue(const SparseAttentionParams& p,
+                                            const DkvCta<T, D, KT, kTiling>& cta, T* sK, T* sV,
+                                            int ngroups, Load&& load_group, int warp, int g,
+                                            int (&row_j)[2], int (&sub)[2], float (&bias2)[2]) {
+  LoadKeyTile<T, D, Rows, KT, THREADS>(sK, sV, cta, p.kv_len);
+  cta.WarpRows(p, warp, g, row_j, sub);
+  if (ngroups > 0) load_group(0, 0);
+  CpAsyncCommit();
+  cta.KeyBias2(p, row_j, bias2);
 }
 
 // A dk/dv step's S^T and dP^T (the warp's 16 key rows by NT n-tiles of 8 queries) become P^T
@@ -1113,28 +1140,20 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
 
   const DkvCta<T, D, KT, kTiling> cta(p, w);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int64_t stride = cta.stride;
   const int e0 = cta.e0, e1 = cta.e1;
   const int ngroups = (e1 - e0 + NC - 1) / NC;
   const int32_t* ent = w.k_entries;
 
   auto load_group = [&](int grp, int buf) {
-    const int e = e0 + grp * NC;
-    const int nvalid = min(NC, e1 - e);
-    GatherRowPairs<T, D, PaddedRows<S>, QN, TH>(sQ + buf * QN * S, sdO + buf * QN * S, cta.q,
-                                                cta.d_out, stride, ent + 2 * e, nvalid);
-    LoadQueryStats<QN, TH>(sLse + buf * QN, sDelta + buf * QN, cta.lse, cta.delta, ent, e,
-                           nvalid);
+    cta.template LoadQueryStep<PaddedRows<S>, QN, TH>(sQ + buf * QN * S, sdO + buf * QN * S,
+                                                      sLse + buf * QN, sDelta + buf * QN, ent,
+                                                      grp);
   };
 
-  LoadKeyTile<T, D, PaddedRows<S>, KT, TH>(sK, sV, cta, p.kv_len);
   int row_j[2], sub[2];
-  cta.WarpRows(p, warp, g, row_j, sub);
-  if (ngroups > 0) load_group(0, 0);
-  CpAsyncCommit();
-
   float bias2[2];
-  cta.KeyBias2(p, row_j, bias2);
+  DkvPrologue<PaddedRows<S>, TH>(p, cta, sK, sV, ngroups, load_group, warp, g, row_j, sub,
+                                 bias2);
   const float sl = p.scale * kLog2e;
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll

@@ -185,6 +185,37 @@ __device__ __forceinline__ void Wgmma64x32x16Shared(float (&d)[4][4], uint64_t d
 #undef TSA_WGMMA_ACC_OPERANDS
 #undef TSA_WGMMA_ACC_LIST
 
+// d = A B^T over head_dim 64, in four products of 16 along it: A's 64 rows at desc_a, B's N
+// (64 or 32) rows at desc_b, both K-major swizzled tiles. The products are only issued: the
+// caller fences before them and commits and waits after.
+template <ElementType E, int N>
+__device__ __forceinline__ void WgmmaRowProducts(float (&d)[N / 8][4], uint64_t desc_a,
+                                                 uint64_t desc_b) {
+  static_assert(N == 64 || N == 32, "64 or 32 columns");
+#pragma unroll
+  for (int kk = 0; kk < 64 / 16; ++kk) {
+    if constexpr (N == 64) {
+      Wgmma64x64x16Shared<E>(d, desc_a + kk * kDescAlongRow16, desc_b + kk * kDescAlongRow16,
+                             kk > 0);
+    } else {
+      Wgmma64x32x16Shared<E>(d, desc_a + kk * kDescAlongRow16, desc_b + kk * kDescAlongRow16,
+                             kk > 0);
+    }
+  }
+}
+
+// d += A B over KS pieces of 16 along K: A's pieces from registers (mma.sync's A layout, as
+// PackA writes them), B's rows from desc_b, N-major, 16 rows a piece. Issued only, as above.
+template <ElementType E, int KS>
+__device__ __forceinline__ void WgmmaAddFromRegisters(float (&d)[8][4],
+                                                      const uint32_t (&a)[KS][4],
+                                                      uint64_t desc_b) {
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    Wgmma64x64x16NMajorB<E>(d, a[kk], desc_b + kk * kDescDownRows16, true);
+  }
+}
+
 template <int ROWS>
 struct WgmmaFwdConfig {
   static constexpr int kD = 64;       // head_dim: one 128-byte swizzled row
@@ -225,9 +256,8 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
-    LoadKeyStep<T, D, Swizzled128Rows, KN, TH>(sK + buf * TE, sV + buf * TE, sBias + buf * KN,
-                                               cta.k, cta.v, cta.bias, cta.stride, ent,
-                                               cta.e0 + grp * 4, cta.e1);
+    cta.template LoadKeyStep<Swizzled128Rows, KN, TH>(sK + buf * TE, sV + buf * TE,
+                                                      sBias + buf * KN, ent, grp);
   };
 
   LoadRows<T, D, Swizzled128Rows, ROWS, TH>(sQ, cta.q, cta.stride, cta.q0, p.q_len);
@@ -257,11 +287,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
     const uint64_t k_desc = SwizzledTileDesc(sK + buf * TE);
     PinRegisters(s);
     WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      Wgmma64x64x16Shared<E>(s, q_desc + kk * kDescAlongRow16, k_desc + kk * kDescAlongRow16,
-                             kk > 0);
-    }
+    WgmmaRowProducts<E, KN>(s, q_desc, k_desc);
     WgmmaCommit();
     WgmmaWait<0>();
     PinRegisters(s);
@@ -276,10 +302,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
     PinRegisters(o);
     PinRegisters(pa);
     WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < KN / 16; ++kk) {
-      Wgmma64x64x16NMajorB<E>(o, pa[kk], v_desc + kk * kDescDownRows16, true);
-    }
+    WgmmaAddFromRegisters<E>(o, pa, v_desc);
     WgmmaCommit();
     WgmmaWait<0>();
     PinRegisters(o);
@@ -345,9 +368,8 @@ __global__ void __launch_bounds__(WgmmaDqConfig::kThreads, WgmmaDqConfig::kMinBl
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
-    LoadKeyStep<T, D, Swizzled128Rows, KN, TH>(sK + buf * TE, sV + buf * TE, sBias + buf * KN,
-                                               cta.k, cta.v, cta.bias, cta.stride, ent,
-                                               cta.e0 + grp * 4, cta.e1);
+    cta.template LoadKeyStep<Swizzled128Rows, KN, TH>(sK + buf * TE, sV + buf * TE,
+                                                      sBias + buf * KN, ent, grp);
   };
 
   int row_i[2], sub[2];
@@ -373,17 +395,9 @@ __global__ void __launch_bounds__(WgmmaDqConfig::kThreads, WgmmaDqConfig::kMinBl
     PinRegisters(s);
     PinRegisters(dp);
     WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      Wgmma64x64x16Shared<E>(s, q_desc + kk * kDescAlongRow16, k_desc + kk * kDescAlongRow16,
-                             kk > 0);
-    }
+    WgmmaRowProducts<E, KN>(s, q_desc, k_desc);
     WgmmaCommit();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      Wgmma64x64x16Shared<E>(dp, do_desc + kk * kDescAlongRow16, v_desc + kk * kDescAlongRow16,
-                             kk > 0);
-    }
+    WgmmaRowProducts<E, KN>(dp, do_desc, v_desc);
     WgmmaCommit();
     WgmmaWait<1>();
     PinRegisters(s);
@@ -398,10 +412,7 @@ __global__ void __launch_bounds__(WgmmaDqConfig::kThreads, WgmmaDqConfig::kMinBl
     PinRegisters(dq);
     PinRegisters(pa);
     WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < KN / 16; ++kk) {
-      Wgmma64x64x16NMajorB<E>(dq, pa[kk], k_desc + kk * kDescDownRows16, true);
-    }
+    WgmmaAddFromRegisters<E>(dq, pa, k_desc);
     WgmmaCommit();
     WgmmaWait<0>();
     PinRegisters(dq);
@@ -448,10 +459,10 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinB
 #if defined(TSA_WGMMA_DEVICE)
   using Cfg = WgmmaDkvConfig;
   using T = typename Elem<E>::T;
-  constexpr int D = Cfg::kD, KT = Cfg::kKeys, QN = Cfg::kQueries, NT = QN / 8, NC = QN / 16;
+  constexpr int D = Cfg::kD, KT = Cfg::kKeys, QN = Cfg::kQueries, NC = QN / 16;
   constexpr int TH = Cfg::kThreads, TE = Cfg::kTileElems;
-  // Score n-tiles held at a time: a whole step's, or a half step's.
-  constexpr int SN = kFusedDq ? NT : NT / 2;
+  // Queries of a step's part: the whole step with the fused dq, else half of it.
+  constexpr int QP = kFusedDq ? QN : QN / 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
   T* sK = reinterpret_cast<T*>(smem);
@@ -464,30 +475,22 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinB
 
   const DkvCta<T, D, KT, kTiling> cta(p, w);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int64_t stride = cta.stride;
   const int e0 = cta.e0, e1 = cta.e1;
   const int ngroups = (e1 - e0 + NC - 1) / NC;
   const int32_t* ent = w.k_entries;
 
   auto load_group = [&](int grp, int buf) {
-    const int e = e0 + grp * NC;
-    const int nvalid = min(NC, e1 - e);
-    GatherRowPairs<T, D, Swizzled128Rows, QN, TH>(sQ + buf * TE, sdO + buf * TE, cta.q,
-                                                  cta.d_out, stride, ent + 2 * e, nvalid);
-    LoadQueryStats<QN, TH>(sLse + buf * QN, sDelta + buf * QN, cta.lse, cta.delta, ent, e,
-                           nvalid);
+    cta.template LoadQueryStep<Swizzled128Rows, QN, TH>(sQ + buf * TE, sdO + buf * TE,
+                                                        sLse + buf * QN, sDelta + buf * QN, ent,
+                                                        grp);
   };
 
-  LoadKeyTile<T, D, Swizzled128Rows, KT, TH>(sK, sV, cta, p.kv_len);
   int row_j[2], sub[2];
-  cta.WarpRows(p, warp, g, row_j, sub);
-  if (ngroups > 0) load_group(0, 0);
-  CpAsyncCommit();
-
   float bias2[2];
-  cta.KeyBias2(p, row_j, bias2);
+  DkvPrologue<Swizzled128Rows, TH>(p, cta, sK, sV, ngroups, load_group, warp, g, row_j, sub,
+                                   bias2);
   const float sl = p.scale * kLog2e;
-  float dk[D / 8][4], dv[D / 8][4], dq[kFusedDq ? D / 8 : 1][4], s[SN][4], dp[SN][4];
+  float dk[D / 8][4], dv[D / 8][4], dq[kFusedDq ? D / 8 : 1][4], s[QP / 8][4], dp[QP / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
@@ -499,68 +502,52 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinB
     for (int x = 0; x < 4; ++x) dq[n][x] = 0.f;
   }
 #pragma unroll
-  for (int n = 0; n < SN; ++n) {
+  for (int n = 0; n < QP / 8; ++n) {
 #pragma unroll
     for (int x = 0; x < 4; ++x) s[n][x] = dp[n][x] = 0.f;
   }
   const uint64_t k_desc = SwizzledTileDesc(sK), v_desc = SwizzledTileDesc(sV);
 
-  // dV += P^T dO and dK += dS^T Q over the step's queries 16 kk0 ... with P^T and dS^T from the
-  // score accumulators, then (with the fused dq) dq += dS K; waits for them all.
-  auto key_products = [&](uint64_t q_desc, uint64_t do_desc, int kk0, auto&& between) {
-    uint32_t pa[SN / 2][4], da[SN / 2][4];
-#pragma unroll
-    for (int kk = 0; kk < SN / 2; ++kk) {
-      PackA<E>(pa[kk], s[2 * kk], s[2 * kk + 1]);
-      PackA<E>(da[kk], dp[2 * kk], dp[2 * kk + 1]);
-    }
-    between(da);
-    PinRegisters(dk);
-    PinRegisters(dv);
-    PinRegisters(pa);
-    PinRegisters(da);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < SN / 2; ++kk) {
-      Wgmma64x64x16NMajorB<E>(dv, pa[kk], do_desc + (kk0 + kk) * kDescDownRows16, true);
-    }
-#pragma unroll
-    for (int kk = 0; kk < SN / 2; ++kk) {
-      Wgmma64x64x16NMajorB<E>(dk, da[kk], q_desc + (kk0 + kk) * kDescDownRows16, true);
-    }
-  };
-
   // At each step's barrier the step's loads have landed, and every warp has finished the
-  // previous step's products (and read dS^T), so that their buffers may be refilled.
+  // previous step's products (and read dS^T), so that their buffers may be refilled. The step
+  // goes in parts of QP queries (the whole step with the fused dq, else halves).
   ForEachStep<NC, true>(
       ngroups, e0, e1, ent, [&] { NextStepForAsyncProxy(); }, load_group,
       [&](int buf, int e, const int (&qs)[NC], const int32_t (&info)[NC], bool partial) {
-    const uint64_t q_desc = SwizzledTileDesc(sQ + buf * TE);
-    const uint64_t do_desc = SwizzledTileDesc(sdO + buf * TE);
-    if constexpr (kFusedDq) {
+#pragma unroll
+    for (int part = 0; part < QN / QP; ++part) {
+      // The part's first row of the Q and dO tiles, in 16-row pieces.
+      const int piece0 = part * QP / 16;
+      const uint64_t q_desc = SwizzledTileDesc(sQ + buf * TE) + piece0 * kDescDownRows16;
+      const uint64_t do_desc = SwizzledTileDesc(sdO + buf * TE) + piece0 * kDescDownRows16;
       PinRegisters(s);
       PinRegisters(dp);
       WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        Wgmma64x64x16Shared<E>(s, k_desc + kk * kDescAlongRow16, q_desc + kk * kDescAlongRow16,
-                               kk > 0);
-      }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        Wgmma64x64x16Shared<E>(dp, v_desc + kk * kDescAlongRow16,
-                               do_desc + kk * kDescAlongRow16, kk > 0);
-      }
+      WgmmaRowProducts<E, QP>(s, k_desc, q_desc);
+      WgmmaRowProducts<E, QP>(dp, v_desc, do_desc);
       WgmmaCommit();
       WgmmaWait<0>();
       PinRegisters(s);
       PinRegisters(dp);
-      TransposedProbabilities(p, s, dp, partial, sl, bias2, sLse + buf * QN,
-                              sDelta + buf * QN, qs, info, sub, row_j, t4);
-      key_products(q_desc, do_desc, 0, [&](const uint32_t (&da)[SN / 2][4]) {
+      int part_qs[QP / 16];
+      int32_t part_info[QP / 16];
+#pragma unroll
+      for (int c = 0; c < QP / 16; ++c) {
+        part_qs[c] = qs[piece0 + c];
+        part_info[c] = info[piece0 + c];
+      }
+      TransposedProbabilities(p, s, dp, partial, sl, bias2, sLse + buf * QN + part * QP,
+                              sDelta + buf * QN + part * QP, part_qs, part_info, sub, row_j, t4);
+      uint32_t pa[QP / 16][4], da[QP / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < QP / 16; ++kk) {
+        PackA<E>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+        PackA<E>(da[kk], dp[2 * kk], dp[2 * kk + 1]);
+      }
+      if constexpr (kFusedDq) {
         // The warp's rows of dS^T, swizzled like the loaded tiles: columns 16 kk + 8 half.
 #pragma unroll
-        for (int kk = 0; kk < QN / 16; ++kk) {
+        for (int kk = 0; kk < QP / 16; ++kk) {
 #pragma unroll
           for (int x = 0; x < 4; ++x) {
             const int row = warp * 16 + g + 8 * (x & 1), piece = 2 * kk + (x >> 1);
@@ -570,56 +557,36 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinB
         }
         FenceSharedForAsyncProxy();
         __syncthreads();
-      });
-      const uint64_t ds_desc = SwizzledTileDesc(sdS);
+      }
+      // dV += P^T dO and dK += dS^T Q over the part's queries, then dq += dS K.
+      PinRegisters(dk);
+      PinRegisters(dv);
+      PinRegisters(pa);
+      PinRegisters(da);
+      WgmmaFence();
+      WgmmaAddFromRegisters<E>(dv, pa, do_desc);
+      WgmmaAddFromRegisters<E>(dk, da, q_desc);
+      if constexpr (kFusedDq) {
+        const uint64_t ds_desc = SwizzledTileDesc(sdS);
 #pragma unroll
-      for (int kk = 0; kk < KT / 16; ++kk) {
-        Wgmma64x64x16Shared<E, true, true>(dq, ds_desc + kk * kDescDownRows16,
-                                           k_desc + kk * kDescDownRows16, kk > 0);
+        for (int kk = 0; kk < KT / 16; ++kk) {
+          Wgmma64x64x16Shared<E, true, true>(dq, ds_desc + kk * kDescDownRows16,
+                                             k_desc + kk * kDescDownRows16, kk > 0);
+        }
       }
       WgmmaCommit();
       WgmmaWait<0>();
       PinRegisters(dk);
       PinRegisters(dv);
-      PinRegisters(dq);
-      // The warp's 16 queries are the step's chunk `warp`, in DqAccumIndex order per n-tile.
-      if (e + warp < e1) {
-        float* chunk = w.dq_accum + cta.accum_bh + static_cast<int64_t>(ent[2 * (e + warp)]) * D;
+      if constexpr (kFusedDq) {
+        PinRegisters(dq);
+        // The warp's 16 queries are the step's chunk `warp`, in DqAccumIndex order per n-tile.
+        if (e + warp < e1) {
+          float* chunk =
+              w.dq_accum + cta.accum_bh + static_cast<int64_t>(ent[2 * (e + warp)]) * D;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) ReduceAdd4(chunk + DqAccumIndex(n, lane), dq[n]);
-      }
-    } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        // Queries 32 h ...: rows 32 h of the Q and dO tiles.
-        constexpr uint64_t kHalfRows = 32 * 128 >> 4;
-        PinRegisters(s);
-        PinRegisters(dp);
-        WgmmaFence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          Wgmma64x32x16Shared<E>(s, k_desc + kk * kDescAlongRow16,
-                                 q_desc + h * kHalfRows + kk * kDescAlongRow16, kk > 0);
+          for (int n = 0; n < D / 8; ++n) ReduceAdd4(chunk + DqAccumIndex(n, lane), dq[n]);
         }
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          Wgmma64x32x16Shared<E>(dp, v_desc + kk * kDescAlongRow16,
-                                 do_desc + h * kHalfRows + kk * kDescAlongRow16, kk > 0);
-        }
-        WgmmaCommit();
-        WgmmaWait<0>();
-        PinRegisters(s);
-        PinRegisters(dp);
-        const int half_qs[2] = {qs[2 * h], qs[2 * h + 1]};
-        const int32_t half_info[2] = {info[2 * h], info[2 * h + 1]};
-        TransposedProbabilities(p, s, dp, partial, sl, bias2, sLse + buf * QN + 32 * h,
-                                sDelta + buf * QN + 32 * h, half_qs, half_info, sub, row_j,
-                                t4);
-        key_products(q_desc, do_desc, 2 * h, [](const uint32_t (&)[SN / 2][4]) {});
-        WgmmaCommit();
-        WgmmaWait<0>();
-        PinRegisters(dk);
-        PinRegisters(dv);
       }
     }
   });

@@ -185,9 +185,10 @@ Status UseAtomicDq(const SparseAttentionParams& p, int key_tile, bool wgmma, boo
   return ::tensorflow::OkStatus();
 }
 
-// Whether the forward, dq and dk/dv kernels run on warpgroup products (sm_90a, head_dim 64) where
-// the build and the device allow: TF_SPARSE_ATTN_GPU_WGMMA=0 keeps the sm_80 kernels.
-Status UseWgmma(bool* wgmma) {
+// Whether the forward, dq and dk/dv kernels run on warpgroup products: tensor-core problems at
+// head_dim 64, where the build and the device allow (TileWork::wgmma).
+// TF_SPARSE_ATTN_GPU_WGMMA=0 keeps the sm_80 kernels.
+Status UseWgmma(const SparseAttentionParams& p, bool* wgmma) {
   *wgmma = false;
   const char* mode = std::getenv("TF_SPARSE_ATTN_GPU_WGMMA");
   if (mode != nullptr && mode[0] != '\0' && std::strcmp(mode, "0") != 0 &&
@@ -195,7 +196,8 @@ Status UseWgmma(bool* wgmma) {
     return ::tensorflow::errors::InvalidArgument("TF_SPARSE_ATTN_GPU_WGMMA = '", mode,
                                                  "' must be '0', '1' or unset");
   }
-  *wgmma = (mode == nullptr || std::strcmp(mode, "0") != 0) && gpu::WgmmaAvailable();
+  *wgmma = (mode == nullptr || std::strcmp(mode, "0") != 0) && gpu::HasMma(p) &&
+           p.head_dim == 64 && gpu::WgmmaAvailable();
   return ::tensorflow::OkStatus();
 }
 
@@ -221,7 +223,7 @@ struct SparseAttentionRunner<GPUDevice> {
     w.q_offsets = base;
     w.q_entries = base + q.entries_at;
     w.query_tile = q.tile_rows;
-    TF_RETURN_IF_ERROR(UseWgmma(&w.wgmma));
+    TF_RETURN_IF_ERROR(UseWgmma(p, &w.wgmma));
     if (const char* err = gpu::LaunchForward(p, w, RawStream(ctx)))
       return KernelError("BlockSparseAttention GPU kernel", err);
     return ::tensorflow::OkStatus();
@@ -252,7 +254,7 @@ struct SparseAttentionRunner<GPUDevice> {
     if (k.halves_at >= 0) w.k_halves = kb + k.halves_at;
     w.key_tile = k.tile_rows;
     w.delta = delta.flat<float>().data();
-    TF_RETURN_IF_ERROR(UseWgmma(&w.wgmma));
+    TF_RETURN_IF_ERROR(UseWgmma(p, &w.wgmma));
     bool atomic = false;
     TF_RETURN_IF_ERROR(UseAtomicDq(p, w.key_tile, w.wgmma, &atomic));
     Tensor dq_accum;

@@ -206,7 +206,7 @@ bool PreferAtomicDq(const SparseAttentionParams& p, int key_tile, bool wgmma) {
   // With the sm_90a dq kernel the deterministic pair is as fast or faster (H200, backward,
   // d = 64): dense causal at T = 16384 4.83 ms against 4.81, fixed 1.44 against 1.47, dense
   // at T = 4096 0.397 against 0.410.
-  if (wgmma && p.head_dim == 64) return false;
+  if (wgmma) return false;
   // Keys a query attends on average, counting whole blocks. Measured against the deterministic
   // pair (H200, backward, with the sm_80 dq kernel; d = 64 with the sm_90a dk/dv kernels): at
   // d = 64 dense causal at T = 16384 (8224 keys) gained 19%, fixed at T = 16384 (2112) 12%,
