@@ -229,16 +229,35 @@ __device__ __forceinline__ void GatherRowPairs(T* dst_a, T* dst_b, const T* src_
                 "every thread copies the same number of whole pieces");
   constexpr int kRowsPerPass = THREADS / kSegs;
   const int c = static_cast<int>(threadIdx.x % kSegs), r0 = static_cast<int>(threadIdx.x / kSegs);
-#pragma unroll
-  for (int k = 0; k < ROWS * kSegs / THREADS; ++k) {
-    const int r = r0 + k * kRowsPerPass;
-    const int chunk = r >> 4;
-    const bool valid = chunk < nvalid;
-    const int64_t offset =
-        valid ? static_cast<int64_t>(entries[2 * chunk] + (r & 15)) * token_stride + c * 8 : 0;
+  src_a += c * 8;
+  src_b += c * 8;
+  auto copy_row = [&](int r, int token, bool valid) {
+    const int64_t offset = valid ? static_cast<int64_t>(token) * token_stride : 0;
     const int at = Rows::At(r, c);
     CpAsync16(dst_a + at, src_a + offset, valid ? 16 : 0);
     CpAsync16(dst_b + at, src_b + offset, valid ? 16 : 0);
+  };
+  if constexpr (kRowsPerPass % kChunk == 0) {
+    // Every pass moves on by whole chunks, so the thread's rows are all row r0 % 16 of their
+    // chunks, and their entries lie at fixed distances from its first: one base address and
+    // immediate offsets instead of an address per row (with ReadStep's paired loads, H200,
+    // dense, d = 64: dq 5% faster, dk/dv 2%).
+    constexpr int kChunksPerPass = kRowsPerPass / kChunk;
+    const int chunk0 = r0 / kChunk, row_in_chunk = r0 % kChunk;
+    const int32_t* first = entries + 2 * chunk0;
+#pragma unroll
+    for (int k = 0; k < ROWS * kSegs / THREADS; ++k) {
+      const bool valid = chunk0 + k * kChunksPerPass < nvalid;
+      copy_row(r0 + k * kRowsPerPass,
+               valid ? first[2 * k * kChunksPerPass] + row_in_chunk : 0, valid);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < ROWS * kSegs / THREADS; ++k) {
+      const int r = r0 + k * kRowsPerPass;
+      const bool valid = (r >> 4) < nvalid;
+      copy_row(r, valid ? entries[2 * (r >> 4)] + (r & 15) : 0, valid);
+    }
   }
 }
 
@@ -263,12 +282,16 @@ __device__ __forceinline__ void LoadRows(T* dst, const T* src, int64_t token_str
 template <int N>
 __device__ __forceinline__ bool ReadStep(const int32_t* ent, int e, int e1, int (&first)[N],
                                          int32_t (&info)[N]) {
+  // An entry's two words are 8-byte aligned (the op places every list at an even word of its
+  // allocation): one load each.
+  const int2* pairs = reinterpret_cast<const int2*>(ent) + e;
   bool partial = false;
 #pragma unroll
   for (int c = 0; c < N; ++c) {
     const bool valid = e + c < e1;
-    first[c] = valid ? ent[2 * (e + c)] : 0;
-    info[c] = valid ? ent[2 * (e + c) + 1] : 0;
+    const int2 entry = valid ? pairs[c] : make_int2(0, 0);
+    first[c] = entry.x;
+    info[c] = entry.y;
     partial |= !valid || (info[c] & kInfoPartial);
   }
   return partial;
@@ -316,41 +339,44 @@ __device__ __forceinline__ void PackA(uint32_t (&a)[4], const float (&lo)[4],
 // ---------------------------------------------------------------------------------------------
 // Tensor-core forward.
 
-// One step of the forward's online softmax for a 16-row m-tile. The step's scores s (NT
-// n-tiles of 8 keys: raw products when `raw`, see QueryCta) are masked where the step
-// is partial, and scaled and biased unless raw; the rows' maxima m and sums l and their outputs
-// o are rescaled to the new maxima; s is left holding the unnormalised probabilities.
-// step_bias: the step's key bias in shared memory, or nullptr.
-template <int NT, int DN>
-__device__ __forceinline__ void OnlineSoftmaxStep(const SparseAttentionParams& p,
-                                                  float (&s)[NT][4], float (&o)[DN][4],
-                                                  float (&m)[2], float (&l)[2], bool partial,
-                                                  bool raw, float sl, float to_log2,
+// The first part of a step of the forward's online softmax for a 16-row m-tile: the step's
+// scores s (NT n-tiles of 8 keys: raw products when kRaw, see QueryCta) are masked where
+// kMasked, and scaled and biased unless kRaw; their row maxima are added to mx (this lane's
+// part of them). step_bias: the step's key bias in shared memory, or nullptr.
+template <bool kMasked, bool kRaw, int NT>
+__device__ __forceinline__ void MaskedScoreMaxima(const SparseAttentionParams& p,
+                                                  float (&s)[NT][4], float (&mx)[2], float sl,
                                                   const float* step_bias, const int (&ks)[NT / 2],
                                                   const int32_t (&info)[NT / 2],
                                                   const int (&sub)[2], const int (&row_i)[2],
                                                   int t4) {
-  float mx[2] = {-kInf, -kInf};
-  Specialize(partial, raw, [&](auto masked, auto unscaled) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
+  for (int n = 0; n < NT; ++n) {
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        float v = s[n][x];
-        if constexpr (!unscaled) {
-          v *= sl;
-          if (step_bias != nullptr) v += step_bias[n * 8 + 2 * t4 + (x & 1)] * kLog2e;
-        }
-        if constexpr (masked) {
-          const int c = n >> 1;
-          const int j = StepToken(ks, n, x, t4);
-          if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
-        }
-        s[n][x] = v;
-        mx[x >> 1] = fmaxf(mx[x >> 1], v);
+    for (int x = 0; x < 4; ++x) {
+      float v = s[n][x];
+      if constexpr (!kRaw) {
+        v *= sl;
+        if (step_bias != nullptr) v += step_bias[n * 8 + 2 * t4 + (x & 1)] * kLog2e;
       }
+      if constexpr (kMasked) {
+        const int c = n >> 1;
+        const int j = StepToken(ks, n, x, t4);
+        if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
+      }
+      s[n][x] = v;
+      mx[x >> 1] = fmaxf(mx[x >> 1], v);
     }
-  });
+  }
+}
+
+// The rest of the step: the rows' maxima m and sums l and their outputs o are rescaled to the
+// new maxima (mx, this lane's maxima of the step), and s is left holding the unnormalised
+// probabilities.
+template <int NT, int DN>
+__device__ __forceinline__ void RescaleAndExponentiate(float (&s)[NT][4], float (&o)[DN][4],
+                                                       float (&m)[2], float (&l)[2],
+                                                       float (&mx)[2], float to_log2) {
   float m_use[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -376,6 +402,25 @@ __device__ __forceinline__ void OnlineSoftmaxStep(const SparseAttentionParams& p
       l[x >> 1] += pv;
     }
   }
+}
+
+// One step of the forward's online softmax for a 16-row m-tile, the partial and raw cases
+// taken at run time: only the score loop is compiled once per case.
+template <int NT, int DN>
+__device__ __forceinline__ void OnlineSoftmaxStep(const SparseAttentionParams& p,
+                                                  float (&s)[NT][4], float (&o)[DN][4],
+                                                  float (&m)[2], float (&l)[2], bool partial,
+                                                  bool raw, float sl, float to_log2,
+                                                  const float* step_bias, const int (&ks)[NT / 2],
+                                                  const int32_t (&info)[NT / 2],
+                                                  const int (&sub)[2], const int (&row_i)[2],
+                                                  int t4) {
+  float mx[2] = {-kInf, -kInf};
+  Specialize(partial, raw, [&](auto masked, auto unscaled) {
+    MaskedScoreMaxima<decltype(masked)::value, decltype(unscaled)::value>(
+        p, s, mx, sl, step_bias, ks, info, sub, row_i, t4);
+  });
+  RescaleAndExponentiate(s, o, m, l, mx, to_log2);
 }
 
 // Writes a 16-row m-tile's outputs, normalised by the row sums, and lse (natural log) at

@@ -221,7 +221,17 @@ struct WgmmaFwdConfig {
   static constexpr int kD = 64;       // head_dim: one 128-byte swizzled row
   static constexpr int kRows = ROWS;  // kFwdTile or kTile: one warpgroup per 64 rows
   static constexpr int kThreads = 2 * ROWS;
-  static constexpr int kKeys = 64;
+  // Keys per step, and per part of a step: S and the softmax for 64 keys at a time. The kernel
+  // issues more instructions than anything else bounds it by (H200, dense, T = 16384: 60% of
+  // issue slots busy, each warp ~480 instructions a step, ~200 of them the softmax's), and a
+  // step's gathers, list reads and barrier cost the same for 128 keys as for 64. Whole steps
+  // of 128 keys (S 64x128 in registers) spilled at the 128 registers that two CTAs allow.
+  // Tall tiles hold long lists (ForwardTiling chooses them where they cost at most 1.1x the
+  // products of 64-row ones), where 128-key steps waste little on a list's last step; 64-row
+  // tiles keep 64-key steps for short lists (local, strided).
+  static constexpr int kKeys = ROWS == kFwdTile ? 128 : 64;
+  static constexpr int kPartKeys = 64;
+  static constexpr int kChunks = kKeys / kChunk;
   static constexpr int kTileElems = kKeys * kD;
   // Two CTAs of two warpgroups per SM (16 warps): 128 registers a thread.
   static constexpr int kMinBlocks = 4 * 64 / ROWS;
@@ -241,8 +251,9 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
 #if defined(TSA_WGMMA_DEVICE)
   using Cfg = WgmmaFwdConfig<ROWS>;
   using T = typename Elem<E>::T;
-  constexpr int D = Cfg::kD, KN = Cfg::kKeys, NT = KN / 8, TH = Cfg::kThreads;
-  constexpr int TE = Cfg::kTileElems;
+  // KN keys a step, in parts of KP.
+  constexpr int D = Cfg::kD, KN = Cfg::kKeys, KP = Cfg::kPartKeys, NT = KP / 8;
+  constexpr int TH = Cfg::kThreads, TE = Cfg::kTileElems;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
   T* sQ = reinterpret_cast<T*>(smem);  // [ROWS][D]
@@ -252,7 +263,8 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
 
   const QueryCta<T, D, ROWS> cta(p, w);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int ngroups = (cta.e1 - cta.e0 + 3) / 4;
+  constexpr int NC = Cfg::kChunks;
+  const int ngroups = (cta.e1 - cta.e0 + NC - 1) / NC;
   const int32_t* ent = w.q_entries;
 
   auto load_group = [&](int grp, int buf) {
@@ -280,32 +292,48 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
   MTileRows(p, cta.q0, cta.q0 + warp * 16, g, row_i, sub);
 
   // At each step's barrier every warpgroup has waited for its products of the previous step,
-  // so that their buffers may be refilled.
-  ForEachStep<4, false>(
+  // so that their buffers may be refilled. The step's entries are read after its products
+  // (the loop's copies go unused): read before, they were held in registers through the
+  // products, beside the scores and outputs, and the 128-key kernel spilled.
+  ForEachStep<NC, false>(
       ngroups, cta.e0, cta.e1, ent, [&] { NextStepForAsyncProxy(); }, load_group,
-      [&](int buf, int e, const int (&ks)[4], const int32_t (&info)[4], bool partial) {
-    const uint64_t k_desc = SwizzledTileDesc(sK + buf * TE);
-    PinRegisters(s);
-    WgmmaFence();
-    WgmmaRowProducts<E, KN>(s, q_desc, k_desc);
-    WgmmaCommit();
-    WgmmaWait<0>();
-    PinRegisters(s);
-
-    OnlineSoftmaxStep(p, s, o, m, l, partial, cta.raw, cta.sl, cta.to_log2,
-                      cta.bias != nullptr ? sBias + buf * KN : nullptr, ks, info, sub, row_i, t4);
-
-    uint32_t pa[KN / 16][4];
+      [&](int buf, int e, const int (&)[NC], const int32_t (&)[NC], bool) {
 #pragma unroll
-    for (int kk = 0; kk < KN / 16; ++kk) PackA<E>(pa[kk], s[2 * kk], s[2 * kk + 1]);
-    const uint64_t v_desc = SwizzledTileDesc(sV + buf * TE);
-    PinRegisters(o);
-    PinRegisters(pa);
-    WgmmaFence();
-    WgmmaAddFromRegisters<E>(o, pa, v_desc);
-    WgmmaCommit();
-    WgmmaWait<0>();
-    PinRegisters(o);
+    for (int part = 0; part < KN / KP; ++part) {
+      // The part's keys are rows KP part ... of the step's K and V tiles.
+      const uint64_t k_desc = SwizzledTileDesc(sK + buf * TE + part * KP * D);
+      PinRegisters(s);
+      WgmmaFence();
+      WgmmaRowProducts<E, KP>(s, q_desc, k_desc);
+      WgmmaCommit();
+      WgmmaWait<0>();
+      PinRegisters(s);
+      int ks[KP / kChunk];
+      int32_t info[KP / kChunk];
+      const bool partial = ReadStep(ent, e + part * (KP / kChunk), cta.e1, ks, info);
+
+      // The rest of the part is compiled once per case (masked, raw): with only the softmax's
+      // score loop specialised, the cases joined with their scores in different registers,
+      // and the common raw unmasked case spent a move per score to join them.
+      const float* part_bias = cta.bias != nullptr ? sBias + buf * KN + part * KP : nullptr;
+      Specialize(partial, cta.raw, [&](auto masked, auto raw) {
+        float mx[2] = {-kInf, -kInf};
+        MaskedScoreMaxima<decltype(masked)::value, decltype(raw)::value>(
+            p, s, mx, cta.sl, part_bias, ks, info, sub, row_i, t4);
+        RescaleAndExponentiate(s, o, m, l, mx, cta.to_log2);
+        uint32_t pa[KP / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < KP / 16; ++kk) PackA<E>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+        const uint64_t v_desc = SwizzledTileDesc(sV + buf * TE + part * KP * D);
+        PinRegisters(o);
+        PinRegisters(pa);
+        WgmmaFence();
+        WgmmaAddFromRegisters<E>(o, pa, v_desc);
+        WgmmaCommit();
+        WgmmaWait<0>();
+        PinRegisters(o);
+      });
+    }
   });
 
   WriteForwardRows<E>(p, cta.out, cta.stride, static_cast<int64_t>(cta.bh) * p.q_len, o, m, l,

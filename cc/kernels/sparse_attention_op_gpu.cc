@@ -95,8 +95,10 @@ class WorkCache {
     const std::vector<int32_t>& offsets = built.offsets;
     const std::vector<int32_t>& entries = built.entries;
     const std::vector<int32_t>& halves = built.halves;
-    const int64_t total =
-        static_cast<int64_t>(offsets.size()) + entries.size() + halves.size();
+    // The entries start at an even word, so that the kernels read each (token, info) pair as
+    // one 8-byte load.
+    const int64_t entries_at = (static_cast<int64_t>(offsets.size()) + 1) & ~int64_t{1};
+    const int64_t total = entries_at + static_cast<int64_t>(entries.size()) + halves.size();
     if (total >= (int64_t{1} << 31)) {
       return ::tensorflow::errors::InvalidArgument("block layout too large for the GPU kernels");
     }
@@ -108,7 +110,7 @@ class WorkCache {
     made.layout.insert(made.layout.end(), flg, flg + nnz);
     TF_RETURN_IF_ERROR(ctx->allocate_temp(::tensorflow::DT_INT32,
                                           ::tensorflow::TensorShape({total}), &made.lists.device));
-    made.lists.entries_at = static_cast<int64_t>(offsets.size());
+    made.lists.entries_at = entries_at;
     if (!halves.empty()) {
       made.lists.halves_at = made.lists.entries_at + static_cast<int64_t>(entries.size());
     }
@@ -118,11 +120,11 @@ class WorkCache {
     if (const char* err = gpu::CopyToDevice(dst, offsets.data(), offsets.size() * 4, stream))
       return KernelError("copying the block layout", err);
     if (const char* err =
-            gpu::CopyToDevice(dst + offsets.size(), entries.data(), entries.size() * 4, stream))
+            gpu::CopyToDevice(dst + entries_at, entries.data(), entries.size() * 4, stream))
       return KernelError("copying the block layout", err);
     if (!halves.empty()) {
-      if (const char* err = gpu::CopyToDevice(dst + offsets.size() + entries.size(),
-                                              halves.data(), halves.size() * 4, stream))
+      if (const char* err = gpu::CopyToDevice(dst + made.lists.halves_at, halves.data(),
+                                              halves.size() * 4, stream))
         return KernelError("copying the block layout", err);
     }
     *lists = made.lists;
