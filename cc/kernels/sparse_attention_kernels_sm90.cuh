@@ -465,7 +465,8 @@ const char* WgmmaDqImpl(const SparseAttentionParams& p, const TileWork& w, void*
 // the swizzled tiles; P^T and dS^T in registers become the A operands of dV += P^T dO and
 // dK += dS^T Q (dO and Q read N-major). With kFusedDq, dS^T also goes to a swizzled tile that
 // dq += dS K reads M-major, and each warp adds its 16 queries' dq to the accumulator. Without,
-// the step goes in two halves of 32 queries, so that three CTAs fit per SM.
+// the step goes in two halves of 32 queries, so that three CTAs fit per SM, the second half's
+// S^T and dP^T issued behind the first half's dV and dK.
 struct WgmmaDkvConfig {
   static constexpr int kD = 64, kKeys = 64, kQueries = 64, kThreads = 128;
   static constexpr int kTileElems = 64 * 64;
@@ -542,21 +543,29 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinB
   ForEachStep<NC, true>(
       ngroups, e0, e1, ent, [&] { NextStepForAsyncProxy(); }, load_group,
       [&](int buf, int e, const int (&qs)[NC], const int32_t (&info)[NC], bool partial) {
+    // The part's first rows of the Q and dO tiles (16-row pieces), and its S^T and dP^T.
+    auto q_part = [&](int part) {
+      return SwizzledTileDesc(sQ + buf * TE) + part * (QP / 16) * kDescDownRows16;
+    };
+    auto do_part = [&](int part) {
+      return SwizzledTileDesc(sdO + buf * TE) + part * (QP / 16) * kDescDownRows16;
+    };
+    auto issue_scores = [&](int part) {
+      WgmmaRowProducts<E, QP>(s, k_desc, q_part(part));
+      WgmmaRowProducts<E, QP>(dp, v_desc, do_part(part));
+    };
+    PinRegisters(s);
+    PinRegisters(dp);
+    WgmmaFence();
+    issue_scores(0);
+    WgmmaCommit();
+    WgmmaWait<0>();
+    PinRegisters(s);
+    PinRegisters(dp);
 #pragma unroll
     for (int part = 0; part < QN / QP; ++part) {
-      // The part's first row of the Q and dO tiles, in 16-row pieces.
       const int piece0 = part * QP / 16;
-      const uint64_t q_desc = SwizzledTileDesc(sQ + buf * TE) + piece0 * kDescDownRows16;
-      const uint64_t do_desc = SwizzledTileDesc(sdO + buf * TE) + piece0 * kDescDownRows16;
-      PinRegisters(s);
-      PinRegisters(dp);
-      WgmmaFence();
-      WgmmaRowProducts<E, QP>(s, k_desc, q_desc);
-      WgmmaRowProducts<E, QP>(dp, v_desc, do_desc);
-      WgmmaCommit();
-      WgmmaWait<0>();
-      PinRegisters(s);
-      PinRegisters(dp);
+      const uint64_t q_desc = q_part(part), do_desc = do_part(part);
       int part_qs[QP / 16];
       int32_t part_info[QP / 16];
 #pragma unroll
@@ -603,9 +612,18 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinB
         }
       }
       WgmmaCommit();
+      // The next part's S^T and dP^T go in behind this part's products (their scores are
+      // packed, their registers free), so that the tensor cores need not wait for the issue
+      // after this part's wait.
+      if (part + 1 < QN / QP) {
+        issue_scores(part + 1);
+        WgmmaCommit();
+      }
       WgmmaWait<0>();
       PinRegisters(dk);
       PinRegisters(dv);
+      PinRegisters(s);
+      PinRegisters(dp);
       if constexpr (kFusedDq) {
         PinRegisters(dq);
         // The warp's 16 queries are the step's chunk `warp`, in DqAccumIndex order per n-tile.
