@@ -226,7 +226,7 @@ struct WgmmaFwdConfig {
   // issue slots busy, each warp ~480 instructions a step, ~200 of them the softmax's), and a
   // step's gathers, list reads and barrier cost the same for 128 keys as for 64. Whole steps
   // of 128 keys (S 64x128 in registers) spilled at the 128 registers that two CTAs allow.
-  // Tall tiles hold long lists (ForwardTiling chooses them where they cost at most 1.1x the
+  // Tall tiles hold long lists (BuildWorkLists chooses them where they cost at most 1.1x the
   // products of 64-row ones), where 128-key steps waste little on a list's last step; 64-row
   // tiles keep 64-key steps for short lists (local, strided).
   static constexpr int kKeys = ROWS == kFwdTile ? 128 : 64;
