@@ -52,6 +52,13 @@ __device__ __forceinline__ void FenceSharedForAsyncProxy() {
 #endif
 }
 
+// The kernel's dynamic shared memory from its first 1024-byte boundary, where swizzled tiles
+// must start (the kernels ask for 1024 bytes of slack).
+__device__ __forceinline__ unsigned char* SwizzledTileSmem() {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
+}
+
 // The step loop's barrier (NextStep) for kernels whose tensor cores read the loaded tiles.
 __device__ __forceinline__ void NextStepForAsyncProxy() {
   CpAsyncWait<0>();
@@ -254,8 +261,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
   // KN keys a step, in parts of KP.
   constexpr int D = Cfg::kD, KN = Cfg::kKeys, KP = Cfg::kPartKeys, NT = KP / 8;
   constexpr int TH = Cfg::kThreads, TE = Cfg::kTileElems;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = SwizzledTileSmem();
   T* sQ = reinterpret_cast<T*>(smem);  // [ROWS][D]
   T* sK = sQ + ROWS * D;               // [2][KN][D]
   T* sV = sK + 2 * TE;                 // [2][KN][D]
@@ -382,8 +388,7 @@ __global__ void __launch_bounds__(WgmmaDqConfig::kThreads, WgmmaDqConfig::kMinBl
   constexpr int D = Cfg::kD, KN = Cfg::kKeys, NT = KN / 8, TH = Cfg::kThreads;
   constexpr int TE = Cfg::kTileElems;
   static_assert(kTile == 64, "one warpgroup per query tile");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = SwizzledTileSmem();
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + TE;
   T* sK = sdO + TE;     // [2][KN][D]
@@ -406,9 +411,10 @@ __global__ void __launch_bounds__(WgmmaDqConfig::kThreads, WgmmaDqConfig::kMinBl
                                         row_i, sub, lse2, delta);
   const float sl = p.scale * kLog2e;
   const uint64_t q_desc = SwizzledTileDesc(sQ), do_desc = SwizzledTileDesc(sdO);
+  static_assert(NT == D / 8, "the accumulators share one loop");
   float dq[D / 8][4], s[NT][4], dp[NT][4];
 #pragma unroll
-  for (int n = 0; n < 8; ++n) {
+  for (int n = 0; n < NT; ++n) {
 #pragma unroll
     for (int x = 0; x < 4; ++x) dq[n][x] = s[n][x] = dp[n][x] = 0.f;
   }
@@ -492,8 +498,7 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinB
   constexpr int TH = Cfg::kThreads, TE = Cfg::kTileElems;
   // Queries of a step's part: the whole step with the fused dq, else half of it.
   constexpr int QP = kFusedDq ? QN : QN / 2;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = SwizzledTileSmem();
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + TE;
   T* sQ = sV + TE;        // [2][QN][D]
