@@ -298,9 +298,9 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
   MTileRows(p, cta.q0, cta.q0 + warp * 16, g, row_i, sub);
 
   // At each step's barrier every warpgroup has waited for its products of the previous step,
-  // so that their buffers may be refilled. The step's entries are read after its products
-  // (the loop's copies go unused): read before, they were held in registers through the
-  // products, beside the scores and outputs, and the 128-key kernel spilled.
+  // so that their buffers may be refilled. Each part reads its own four entries (the loop's
+  // copies of the step's eight go unused, and the compiler drops them): ptxas issues those
+  // loads ahead of the part's products, and eight held through them spilled.
   ForEachStep<NC, false>(
       ngroups, cta.e0, cta.e1, ent, [&] { NextStepForAsyncProxy(); }, load_group,
       [&](int buf, int e, const int (&)[NC], const int32_t (&)[NC], bool) {
