@@ -231,8 +231,9 @@ __device__ __forceinline__ void GatherRowPairs(T* dst_a, T* dst_b, const T* src_
   const int c = static_cast<int>(threadIdx.x % kSegs), r0 = static_cast<int>(threadIdx.x / kSegs);
   src_a += c * 8;
   src_b += c * 8;
+  // Callers pass token 0 for rows past the list, whose copies read nothing.
   auto copy_row = [&](int r, int token, bool valid) {
-    const int64_t offset = valid ? static_cast<int64_t>(token) * token_stride : 0;
+    const int64_t offset = static_cast<int64_t>(token) * token_stride;
     const int at = Rows::At(r, c);
     CpAsync16(dst_a + at, src_a + offset, valid ? 16 : 0);
     CpAsync16(dst_b + at, src_b + offset, valid ? 16 : 0);

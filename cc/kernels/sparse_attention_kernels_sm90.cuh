@@ -306,6 +306,9 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
       [&](int buf, int e, const int (&)[NC], const int32_t (&)[NC], bool) {
 #pragma unroll
     for (int part = 0; part < KN / KP; ++part) {
+      // A list's last step may end before its second part, which would change nothing: every
+      // score masked leaves the maxima, sums and O as they were.
+      if (part > 0 && e + part * (KP / kChunk) >= cta.e1) break;
       // The part's keys are rows KP part ... of the step's K and V tiles.
       const uint64_t k_desc = SwizzledTileDesc(sK + buf * TE + part * KP * D);
       PinRegisters(s);
