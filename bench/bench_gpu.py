@@ -84,6 +84,45 @@ def median_ms(fn, sync, batches=5, batch_s=0.2):
 
 # ------------------------------------------------------------------------------------- ours
 
+def op_calls(lib, pattern, length, dim):
+    """The op's forward and forward + backward as graph functions (tf.function) of (q, k, v)
+    and (q, k, v, d_out), bf16 [BATCH, length, HEADS, dim], for the benchmark's layout of
+    `pattern`; call under tf.device("/GPU:0")."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    layout = build_layout(pattern, length)
+    attrs = dict(block_size=layout.block_size, scale=dim ** -0.5, causal=True,
+                 window=layout.window, min_distance=layout.min_distance)
+    bias = tf.zeros([0], tf.float32)
+    # Host-resident, as a graph keeps its int32 constants and as the op reads them (placing
+    # them on the GPU measured no different).
+    with tf.device("/CPU:0"):
+        ro, ci, bf = (tf.constant(a) for a in (layout.row_offsets, layout.col_indices,
+                                              layout.block_flags))
+        co, ri, cf = (tf.constant(a) for a in (layout.col_offsets, layout.row_indices,
+                                              layout.csc_flags))
+    d_lse = tf.zeros([BATCH, HEADS, length], tf.float32)
+
+    @tf.function
+    def fwd(q, k, v):
+        return lib.block_sparse_attention(q, k, v, bias, ro, ci, bf, **attrs)[0]
+
+    @tf.function
+    def fwd_bwd(q, k, v, d_out):
+        out, lse = lib.block_sparse_attention(q, k, v, bias, ro, ci, bf, **attrs)
+        return lib.block_sparse_attention_grad(q, k, v, bias, ro, ci, bf, out, lse, d_out,
+                                               d_lse, co, ri, cf, **attrs)
+
+    return fwd, fwd_bwd
+
+
+def random_inputs(length, dim, sets):
+    """`sets` lists of four bf16 [BATCH, length, HEADS, dim] tensors of random normals."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    shape = [BATCH, length, HEADS, dim]
+    return [[tf.cast(tf.random.normal(shape), tf.bfloat16) for _ in range(4)]
+            for _ in range(sets)]
+
+
 def bench_ours(quick):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     for gpu in tf.config.list_physical_devices("GPU"):
@@ -93,38 +132,14 @@ def bench_ours(quick):
     lib = load_op_library()
     rows = []
     for dim, length, pattern in configs(quick):
-        layout = build_layout(pattern, length)
         pairs = BATCH * HEADS * token_mask_pairs(pattern, length)
-        attrs = dict(block_size=layout.block_size, scale=dim ** -0.5, causal=True,
-                     window=layout.window, min_distance=layout.min_distance)
-        row = dict(dim=dim, T=length, pattern=pattern, block=layout.block_size, pairs=pairs)
+        row = dict(dim=dim, T=length, pattern=pattern, block=BLOCK[pattern], pairs=pairs)
         try:
             with tf.device("/GPU:0"):
                 tf.config.experimental.reset_memory_stats("GPU:0")
                 sets = 2 if length >= 65536 else 3
-                shape = [BATCH, length, HEADS, dim]
-                inputs = [[tf.cast(tf.random.normal(shape), tf.bfloat16) for _ in range(4)]
-                          for _ in range(sets)]
-                bias = tf.zeros([0], tf.float32)
-                # Host-resident, as a graph keeps its int32 constants and as the op reads them
-                # (placing them on the GPU measured no different).
-                with tf.device("/CPU:0"):
-                    ro, ci, bf = (tf.constant(a) for a in (layout.row_offsets,
-                                                          layout.col_indices, layout.block_flags))
-                    co, ri, cf = (tf.constant(a) for a in (layout.col_offsets, layout.row_indices,
-                                                          layout.csc_flags))
-                d_lse = tf.zeros([BATCH, HEADS, length], tf.float32)
-
-                @tf.function
-                def fwd(q, k, v):
-                    return lib.block_sparse_attention(q, k, v, bias, ro, ci, bf, **attrs)[0]
-
-                @tf.function
-                def fwd_bwd(q, k, v, d_out):
-                    out, lse = lib.block_sparse_attention(q, k, v, bias, ro, ci, bf, **attrs)
-                    return lib.block_sparse_attention_grad(q, k, v, bias, ro, ci, bf, out, lse,
-                                                           d_out, d_lse, co, ri, cf, **attrs)
-
+                inputs = random_inputs(length, dim, sets)
+                fwd, fwd_bwd = op_calls(lib, pattern, length, dim)
                 state = {"i": 0, "last": None}
 
                 def call(fn, n_args):

@@ -1,10 +1,12 @@
-"""Where the GPU time of a training step goes: one layer's step (that of bench_layers.py) or a
-whole model's (model.fit's step function, as bench_model.py times it) run under TensorFlow's
-profiler, its GPU kernels summed per step, beside the step's wall time.
+"""Where the GPU time of a training step goes: one layer's step (that of bench_layers.py), a
+whole model's (model.fit's step function, as bench_model.py times it) or the op's forward and
+backward (bench_gpu.py's graph call) run under TensorFlow's profiler, its GPU kernels summed
+per step, beside the step's wall time.
 
     python bench/profile_layer.py --layer fixed --length 12288
     python bench/profile_layer.py --layer strided --length 12288 --implementation portable
     python bench/profile_layer.py --model enwik8 --num-layers 2 --attention fixed
+    python bench/profile_layer.py --op dense --length 16384
 
 Prints a table: kernel (name shortened), launches per step, ms per step, share of the GPU's
 busy time; then wall ms per step, GPU busy ms per step (the union of kernel intervals) and the
@@ -102,6 +104,20 @@ def layer_step(args):
                              f"batch {args.batch}, {args.dtype}")
 
 
+def op_step(args):
+    """A zero-argument callable running the op's forward and backward as one graph call, on
+    bench_gpu.py's layout of the pattern (batch 2, 8 heads), input sets rotated as there."""
+    import bench_gpu  # pylint: disable=import-outside-toplevel
+    from tf_sparse_attn._load import load_op_library  # pylint: disable=import-outside-toplevel
+
+    _, fwd_bwd = bench_gpu.op_calls(load_op_library(), args.op, args.length, args.head_dim)
+    inputs = bench_gpu.random_inputs(args.length, args.head_dim, 3)
+    calls = iter(range(1 << 62))
+    return (lambda: fwd_bwd(*inputs[next(calls) % len(inputs)])[0],
+            f"op {args.op}, T={args.length}, head_dim {args.head_dim}, batch "
+            f"{bench_gpu.BATCH}, {bench_gpu.HEADS} heads, bfloat16, forward and backward")
+
+
 def model_step(args):
     """A zero-argument callable running one training step of the model, built and warmed up
     through model.fit as bench_model.py does."""
@@ -127,6 +143,9 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--model", help="profile a training step of this model configuration "
                         "(models/config.py) instead of a layer")
+    parser.add_argument("--op", help="profile the op's forward and backward (bench_gpu.py's "
+                        "graph call) on this pattern: dense, local, strided or fixed")
+    parser.add_argument("--head-dim", type=int, default=64, help="with --op")
     parser.add_argument("--num-layers", type=int, help="with --model: override the depth")
     parser.add_argument("--attention", help="with --model: override the attention kinds")
     parser.add_argument("--batch", type=int, default=1)
@@ -139,7 +158,10 @@ def main():
 
     gpu = bool(tf.config.list_physical_devices("GPU"))
     with tf.device("/GPU:0" if gpu else "/CPU:0"):
-        run, what = model_step(args) if args.model else layer_step(args)
+        if args.op:
+            run, what = op_step(args)
+        else:
+            run, what = model_step(args) if args.model else layer_step(args)
         for _ in range(3):
             np.asarray(run())
         start = time.perf_counter()
