@@ -119,7 +119,7 @@ int main(int argc, char** argv) {
   for (auto ptr : {&q, &k, &v, &o, &d_out, &dq, &dk, &dv}) CHECK_CUDA(cudaMalloc(ptr, n * 2));
   float *lse, *delta;
   CHECK_CUDA(cudaMalloc(&lse, size_t(2) * 8 * T * 4));
-  CHECK_CUDA(cudaMalloc(&delta, size_t(2) * 8 * T * 4));
+  CHECK_CUDA(cudaMalloc(&delta, size_t(2) * 2 * 8 * T * 4));  // delta, then lse2
   FillHashed<<<1024, 256>>>(q, n, 1);
   FillHashed<<<1024, 256>>>(k, n, 2);
   FillHashed<<<1024, 256>>>(v, n, 3);
@@ -134,6 +134,7 @@ int main(int argc, char** argv) {
   p.dk = dk;
   p.dv = dv;
   backward.delta = delta;
+  backward.lse2 = delta + size_t(2) * 8 * T;
 
   cudaEvent_t start, stop;
   cudaEventCreate(&start);

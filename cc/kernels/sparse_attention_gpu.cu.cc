@@ -12,9 +12,11 @@ namespace tf_sparse_attn {
 namespace gpu {
 namespace {
 
-// One warp per (batch, token, head) row: the d_out and out rows are contiguous there.
+// One warp per (batch, token, head) row: the d_out and out rows are contiguous there. Also
+// lse2 (TileWork::lse2) unless nullptr.
 template <ElementType E>
-__global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p, float* delta) {
+__global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p, float* delta,
+                                                   float* lse2) {
   using T = typename detail::Elem<E>::T;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.heads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
@@ -34,6 +36,7 @@ __global__ void __launch_bounds__(256) DeltaKernel(const SparseAttentionParams p
     const int64_t at = (static_cast<int64_t>(b) * p.heads + h) * p.q_len + i;
     // d lse_i / d s_ij = P_ij, so d_lse enters dS = P (dP - delta) with the opposite sign.
     delta[at] = acc - (p.d_lse != nullptr ? p.d_lse[at] : 0.f);
+    if (lse2 != nullptr) lse2[at] = detail::Lse2(p.lse[at]);
   }
 }
 
@@ -95,13 +98,13 @@ const char* LaunchDelta(const SparseAttentionParams& p, const TileWork& w, void*
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
     case ElementType::kFloat32:
-      DeltaKernel<ElementType::kFloat32><<<blocks, 256, 0, s>>>(p, w.delta);
+      DeltaKernel<ElementType::kFloat32><<<blocks, 256, 0, s>>>(p, w.delta, w.lse2);
       break;
     case ElementType::kFloat16:
-      DeltaKernel<ElementType::kFloat16><<<blocks, 256, 0, s>>>(p, w.delta);
+      DeltaKernel<ElementType::kFloat16><<<blocks, 256, 0, s>>>(p, w.delta, w.lse2);
       break;
     case ElementType::kBFloat16:
-      DeltaKernel<ElementType::kBFloat16><<<blocks, 256, 0, s>>>(p, w.delta);
+      DeltaKernel<ElementType::kBFloat16><<<blocks, 256, 0, s>>>(p, w.delta, w.lse2);
       break;
   }
   return detail::LastError();

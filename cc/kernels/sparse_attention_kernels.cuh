@@ -267,8 +267,11 @@ __device__ __forceinline__ void GatherRowPairs(T* dst_a, T* dst_b, const T* src_
 template <typename T, int D, typename Rows, int ROWS, int THREADS>
 __device__ __forceinline__ void LoadRows(T* dst, const T* src, int64_t token_stride, int first,
                                          int len) {
-  constexpr int kSegs = D / 8;
-  for (int idx = threadIdx.x; idx < ROWS * kSegs; idx += THREADS) {
+  constexpr int kSegs = D / 8, kPieces = ROWS * kSegs;
+#pragma unroll
+  for (int pass = 0; pass < (kPieces + THREADS - 1) / THREADS; ++pass) {
+    const int idx = static_cast<int>(threadIdx.x) + pass * THREADS;
+    if (kPieces % THREADS != 0 && idx >= kPieces) break;
     const int r = idx / kSegs, c = idx % kSegs;
     const int token = first + r;
     const bool valid = token < len;
@@ -709,7 +712,8 @@ struct DqConfig {
 
 // The dq kernels' prologue: the tile's Q and dO (laid out as Rows) and the first step's loads
 // (load_group) in flight; the lane's rows g and g + 8 of the warp's 16, their layout rows, and
-// their lse (log2 units, see Lse2) and delta, computed here (RowDelta).
+// their lse (log2 units, see Lse2, also left in w.lse2 for dk/dv) and delta, computed here
+// (RowDelta).
 template <ElementType E, int D, typename Rows, int THREADS, typename Load>
 __device__ __forceinline__ void DqPrologue(const SparseAttentionParams& p, const TileWork& w,
                                            const QueryCta<typename Elem<E>::T, D, kTile>& cta,
@@ -729,7 +733,9 @@ __device__ __forceinline__ void DqPrologue(const SparseAttentionParams& p, const
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const bool in = row_i[r] < p.q_len;
-    lse2[r] = in ? Lse2(p.lse[static_cast<int64_t>(cta.bh) * p.q_len + row_i[r]]) : kInf;
+    const int64_t at = static_cast<int64_t>(cta.bh) * p.q_len + row_i[r];
+    lse2[r] = in ? Lse2(p.lse[at]) : kInf;
+    if (in && (lane & 3) == 0) w.lse2[at] = lse2[r];
   }
 }
 
@@ -967,18 +973,26 @@ __device__ __forceinline__ void FusedDqStep(const TileWork& w, const typename El
   }
 }
 
-// The lse and delta of a dk/dv step's QN gathered queries (chunks >= nvalid zero-filled).
+// The lse (log2 units) and delta of a dk/dv step's QN gathered queries (chunks >= nvalid
+// zero-filled).
+// Passes of constant count: a loop from threadIdx.x compiled as a general loop (with an
+// unrolled copy and a remainder) that cost the Hopper dk/dv kernel ~55 instructions a step
+// for its thread's one value.
 template <int QN, int THREADS>
-__device__ __forceinline__ void LoadQueryStats(float* sLse, float* sDelta, const float* lse,
+__device__ __forceinline__ void LoadQueryStats(float* sLse2, float* sDelta, const float* lse2,
                                                const float* delta, const int32_t* ent, int e,
                                                int nvalid) {
-  for (int idx = threadIdx.x; idx < 2 * QN; idx += THREADS) {
+  constexpr int kValues = 2 * QN;
+#pragma unroll
+  for (int pass = 0; pass < (kValues + THREADS - 1) / THREADS; ++pass) {
+    const int idx = static_cast<int>(threadIdx.x) + pass * THREADS;
+    if (kValues % THREADS != 0 && idx >= kValues) break;
     const int r = idx % QN;
     const int chunk = r >> 4;
     const bool valid = chunk < nvalid;
     const int token = valid ? ent[2 * (e + chunk)] + (r & 15) : 0;
     if (idx < QN) {
-      CpAsync4(sLse + r, lse + token, valid ? 4 : 0);
+      CpAsync4(sLse2 + r, lse2 + token, valid ? 4 : 0);
     } else {
       CpAsync4(sDelta + r, delta + token, valid ? 4 : 0);
     }
@@ -999,7 +1013,7 @@ struct DkvCta {
   int64_t kv_base;   // this (batch, head)'s first key in k, v, dk and dv
   int64_t accum_bh;  // this head's dq sums in TileWork::dq_accum
   const T *q, *d_out, *k, *v;
-  const float *lse, *delta;
+  const float *lse2, *delta;  // this (batch, head)'s (TileWork::lse2, delta)
   const int32_t* halves;  // paired tiles: the first key of each half, -1 for an empty one
 
   __device__ __forceinline__ DkvCta(const SparseAttentionParams& p, const TileWork& w) {
@@ -1019,7 +1033,7 @@ struct DkvCta {
     d_out = static_cast<const T*>(p.d_out) + qoff;
     k = static_cast<const T*>(p.k) + kv_base;
     v = static_cast<const T*>(p.v) + kv_base;
-    lse = p.lse + static_cast<int64_t>(bh) * p.q_len;
+    lse2 = w.lse2 + static_cast<int64_t>(bh) * p.q_len;
     delta = w.delta + static_cast<int64_t>(bh) * p.q_len;
     accum_bh = static_cast<int64_t>(bh) * p.q_len * D;
     const int32_t* list = w.k_offsets + lh * tiles + tile;
@@ -1061,15 +1075,15 @@ struct DkvCta {
   }
 
   // Gathers step grp's QN queries from the CTA's list, Q and dO laid out as Rows, with their
-  // lse and delta (chunks past the list zero-filled).
+  // lse (log2 units) and delta (chunks past the list zero-filled).
   template <typename Rows, int QN, int THREADS>
-  __device__ __forceinline__ void LoadQueryStep(T* sQ, T* sdO, float* sLse, float* sDelta,
+  __device__ __forceinline__ void LoadQueryStep(T* sQ, T* sdO, float* sLse2, float* sDelta,
                                                 const int32_t* ent, int grp) const {
     constexpr int NC = QN / 16;
     const int e = e0 + grp * NC;
     const int nvalid = min(NC, e1 - e);
     GatherRowPairs<T, D, Rows, QN, THREADS>(sQ, sdO, q, d_out, stride, ent + 2 * e, nvalid);
-    LoadQueryStats<QN, THREADS>(sLse, sDelta, lse, delta, ent, e, nvalid);
+    LoadQueryStats<QN, THREADS>(sLse2, sDelta, lse2, delta, ent, e, nvalid);
   }
 };
 
@@ -1111,12 +1125,12 @@ __device__ __forceinline__ void DkvPrologue(const SparseAttentionParams& p,
 }
 
 // A dk/dv step's S^T and dP^T (the warp's 16 key rows by NT n-tiles of 8 queries) become P^T
-// and dS^T = P^T (dP^T - delta), masked where the step is partial. cLse and cDelta: the step's
-// queries' lse and delta.
+// and dS^T = P^T (dP^T - delta), masked where the step is partial. cLse2 and cDelta: the step's
+// queries' lse (log2 units) and delta.
 template <int NT>
 __device__ __forceinline__ void TransposedProbabilities(
     const SparseAttentionParams& p, float (&s)[NT][4], float (&dp)[NT][4], bool partial,
-    float sl, const float (&bias2)[2], const float* cLse, const float* cDelta,
+    float sl, const float (&bias2)[2], const float* cLse2, const float* cDelta,
     const int (&qs)[NT / 2], const int32_t (&info)[NT / 2], const int (&sub)[2],
     const int (&row_j)[2], int t4) {
   Specialize(partial, [&](auto masked) {
@@ -1125,7 +1139,7 @@ __device__ __forceinline__ void TransposedProbabilities(
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
         const int col = n * 8 + 2 * t4 + (x & 1);
-        float v = fmaf(s[n][x], sl, bias2[x >> 1] - Lse2(cLse[col]));
+        float v = fmaf(s[n][x], sl, bias2[x >> 1] - cLse2[col]);
         if constexpr (masked) {
           const int c = n >> 1;
           const int i = StepToken(qs, n, x, t4);
@@ -1180,8 +1194,8 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
   T* sV = sK + KT * S;
   T* sQ = sV + KT * S;
   T* sdO = sQ + 2 * QN * S;
-  float* sLse = reinterpret_cast<float*>(sdO + 2 * QN * S);
-  float* sDelta = sLse + 2 * QN;
+  float* sLse2 = reinterpret_cast<float*>(sdO + 2 * QN * S);
+  float* sDelta = sLse2 + 2 * QN;
   T* sdS = reinterpret_cast<T*>(sDelta + 2 * QN);  // only when kFusedDq
 
   const DkvCta<T, D, KT, kTiling> cta(p, w);
@@ -1192,7 +1206,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
 
   auto load_group = [&](int grp, int buf) {
     cta.template LoadQueryStep<PaddedRows<S>, QN, TH>(sQ + buf * QN * S, sdO + buf * QN * S,
-                                                      sLse + buf * QN, sDelta + buf * QN, ent,
+                                                      sLse2 + buf * QN, sDelta + buf * QN, ent,
                                                       grp);
   };
 
@@ -1213,7 +1227,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
       [&](int buf, int e, const int (&qs)[NC], const int32_t (&info)[NC], bool partial) {
     const T* cQ = sQ + buf * QN * S;
     const T* cdO = sdO + buf * QN * S;
-    const float* cLse = sLse + buf * QN;
+    const float* cLse2 = sLse2 + buf * QN;
     const float* cDelta = sDelta + buf * QN;
 
     float s[NT][4], dp[NT][4];
@@ -1238,7 +1252,7 @@ __global__ void __launch_bounds__(DkvConfig<D, kTiling>::kThreads,
         Mma<E>(dp[2 * np + 1], va, df[2], df[3]);
       }
     }
-    TransposedProbabilities(p, s, dp, partial, sl, bias2, cLse, cDelta, qs, info, sub, row_j,
+    TransposedProbabilities(p, s, dp, partial, sl, bias2, cLse2, cDelta, qs, info, sub, row_j,
                             t4);
 #pragma unroll
     for (int kk = 0; kk < QN / 16; ++kk) {

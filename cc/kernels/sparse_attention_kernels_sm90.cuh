@@ -507,8 +507,8 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinB
   T* sQ = sV + TE;        // [2][QN][D]
   T* sdO = sQ + 2 * TE;   // [2][QN][D]
   T* sdS = sdO + 2 * TE;  // dS^T [KT][QN], only when kFusedDq
-  float* sLse = reinterpret_cast<float*>(sdS + (kFusedDq ? TE : 0));
-  float* sDelta = sLse + 2 * QN;
+  float* sLse2 = reinterpret_cast<float*>(sdS + (kFusedDq ? TE : 0));
+  float* sDelta = sLse2 + 2 * QN;
 
   const DkvCta<T, D, KT, kTiling> cta(p, w);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -518,7 +518,7 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinB
 
   auto load_group = [&](int grp, int buf) {
     cta.template LoadQueryStep<Swizzled128Rows, QN, TH>(sQ + buf * TE, sdO + buf * TE,
-                                                        sLse + buf * QN, sDelta + buf * QN, ent,
+                                                        sLse2 + buf * QN, sDelta + buf * QN, ent,
                                                         grp);
   };
 
@@ -581,7 +581,7 @@ __global__ void __launch_bounds__(WgmmaDkvConfig::kThreads, WgmmaDkvConfig::MinB
         part_qs[c] = qs[piece0 + c];
         part_info[c] = info[piece0 + c];
       }
-      TransposedProbabilities(p, s, dp, partial, sl, bias2, sLse + buf * QN + part * QP,
+      TransposedProbabilities(p, s, dp, partial, sl, bias2, sLse2 + buf * QN + part * QP,
                               sDelta + buf * QN + part * QP, part_qs, part_info, sub, row_j, t4);
       uint32_t pa[QP / 16][4], da[QP / 16][4];
 #pragma unroll
