@@ -210,6 +210,8 @@ __device__ __forceinline__ void MTileRows(const SparseAttentionParams& p, int ti
 template <int S>
 struct PaddedRows {
   static __device__ __forceinline__ int At(int r, int c) { return r * S + c * 8; }
+  // How GatherRowPairs addresses rows (see there).
+  static constexpr bool kMulAddRowAddresses = false;
 };
 
 // Copies ROWS (a multiple of 16) gathered rows of two [batch, len, heads, D] tensors read at
@@ -232,11 +234,23 @@ __device__ __forceinline__ void GatherRowPairs(T* dst_a, T* dst_b, const T* src_
   src_a += c * 8;
   src_b += c * 8;
   // Callers pass token 0 for rows past the list, whose copies read nothing.
+  // Rows::kMulAddRowAddresses: a row's address in each tensor as one 32 x 32 -> 64-bit
+  // multiply-add of the token by the token stride in bytes (which fits 32 bits: heads * D *
+  // sizeof(T)), instead of a 64-bit product scaled and added per tensor. Fewer instructions;
+  // the sm_90a kernels, bound by their issue slots, gained (H200, d = 64: dq 2%), the sm_80
+  // ones at head_dim 128 lost 2.5%.
+  const uint32_t stride_bytes = static_cast<uint32_t>(token_stride * sizeof(T));
   auto copy_row = [&](int r, int token, bool valid) {
-    const int64_t offset = static_cast<int64_t>(token) * token_stride;
     const int at = Rows::At(r, c);
-    CpAsync16(dst_a + at, src_a + offset, valid ? 16 : 0);
-    CpAsync16(dst_b + at, src_b + offset, valid ? 16 : 0);
+    if constexpr (Rows::kMulAddRowAddresses) {
+      const uint64_t offset = static_cast<uint64_t>(static_cast<uint32_t>(token)) * stride_bytes;
+      CpAsync16(dst_a + at, reinterpret_cast<const char*>(src_a) + offset, valid ? 16 : 0);
+      CpAsync16(dst_b + at, reinterpret_cast<const char*>(src_b) + offset, valid ? 16 : 0);
+    } else {
+      const int64_t offset = static_cast<int64_t>(token) * token_stride;
+      CpAsync16(dst_a + at, src_a + offset, valid ? 16 : 0);
+      CpAsync16(dst_b + at, src_b + offset, valid ? 16 : 0);
+    }
   };
   if constexpr (kRowsPerPass % kChunk == 0) {
     // Every pass moves on by whole chunks, so the thread's rows are all row r0 % 16 of their
@@ -1126,20 +1140,23 @@ __device__ __forceinline__ void DkvPrologue(const SparseAttentionParams& p,
 
 // A dk/dv step's S^T and dP^T (the warp's 16 key rows by NT n-tiles of 8 queries) become P^T
 // and dS^T = P^T (dP^T - delta), masked where the step is partial. cLse2 and cDelta: the step's
-// queries' lse (log2 units) and delta.
+// queries' lse (log2 units) and delta. Compiled apart without a key bias, whose zero would
+// otherwise cost an addition per score.
 template <int NT>
 __device__ __forceinline__ void TransposedProbabilities(
     const SparseAttentionParams& p, float (&s)[NT][4], float (&dp)[NT][4], bool partial,
     float sl, const float (&bias2)[2], const float* cLse2, const float* cDelta,
     const int (&qs)[NT / 2], const int32_t (&info)[NT / 2], const int (&sub)[2],
     const int (&row_j)[2], int t4) {
-  Specialize(partial, [&](auto masked) {
+  Specialize(partial, p.key_bias != nullptr, [&](auto masked, auto biased) {
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
         const int col = n * 8 + 2 * t4 + (x & 1);
-        float v = fmaf(s[n][x], sl, bias2[x >> 1] - cLse2[col]);
+        float shift = -cLse2[col];
+        if constexpr (biased) shift = bias2[x >> 1] - cLse2[col];
+        float v = fmaf(s[n][x], sl, shift);
         if constexpr (masked) {
           const int c = n >> 1;
           const int i = StepToken(qs, n, x, t4);

@@ -27,6 +27,7 @@ namespace detail {
 // to piece c ^ (r % 8) of its row; tiles start at multiples of 1024 bytes.
 struct Swizzled128Rows {
   static __device__ __forceinline__ int At(int r, int c) { return r * 64 + ((c ^ (r & 7)) << 3); }
+  static constexpr bool kMulAddRowAddresses = true;  // see GatherRowPairs
 };
 
 // Shared-memory matrix descriptor of a 128-byte-swizzled tile for wgmma: the tile's address
