@@ -236,9 +236,9 @@ __device__ __forceinline__ void GatherRowPairs(T* dst_a, T* dst_b, const T* src_
   // Callers pass token 0 for rows past the list, whose copies read nothing.
   // Rows::kMulAddRowAddresses: a row's address in each tensor as one 32 x 32 -> 64-bit
   // multiply-add of the token by the token stride in bytes (which fits 32 bits: heads * D *
-  // sizeof(T)), instead of a 64-bit product scaled and added per tensor. Fewer instructions;
-  // the sm_90a kernels, bound by their issue slots, gained (H200, d = 64: dq 2%), the sm_80
-  // ones at head_dim 128 lost 2.5%.
+  // sizeof(T)), instead of a 64-bit product scaled and added per tensor. Fewer instructions:
+  // the sm_90a kernels, bound by their issue slots, gained (H200, dense, d = 64: dq 1-2%,
+  // dk/dv 1.5%); the sm_80 ones at head_dim 128 lost 2.5%.
   const uint32_t stride_bytes = static_cast<uint32_t>(token_stride * sizeof(T));
   auto copy_row = [&](int r, int token, bool valid) {
     const int at = Rows::At(r, c);
