@@ -17,6 +17,7 @@ summarises the host's TensorFlow op events instead, so the script can be tried a
 import argparse
 import collections
 import glob
+import itertools
 import os
 import re
 import sys
@@ -112,7 +113,7 @@ def op_step(args):
 
     _, fwd_bwd = bench_gpu.op_calls(load_op_library(), args.op, args.length, args.head_dim)
     inputs = bench_gpu.random_inputs(args.length, args.head_dim, 3)
-    calls = iter(range(1 << 62))
+    calls = itertools.count()
     return (lambda: fwd_bwd(*inputs[next(calls) % len(inputs)])[0],
             f"op {args.op}, T={args.length}, head_dim {args.head_dim}, batch "
             f"{bench_gpu.BATCH}, {bench_gpu.HEADS} heads, bfloat16, forward and backward")
@@ -143,8 +144,9 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--model", help="profile a training step of this model configuration "
                         "(models/config.py) instead of a layer")
-    parser.add_argument("--op", help="profile the op's forward and backward (bench_gpu.py's "
-                        "graph call) on this pattern: dense, local, strided or fixed")
+    parser.add_argument("--op", choices=("dense", "local", "strided", "fixed"),
+                        help="profile the op's forward and backward (bench_gpu.py's graph call) "
+                        "on this pattern instead of a layer")
     parser.add_argument("--head-dim", type=int, default=64, help="with --op")
     parser.add_argument("--num-layers", type=int, help="with --model: override the depth")
     parser.add_argument("--attention", help="with --model: override the attention kinds")
