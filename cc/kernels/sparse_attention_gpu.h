@@ -79,9 +79,10 @@ struct TileWork {
   bool wgmma = false;
   int key_tile = kTile;    // key rows of a dk/dv tile that the k lists were built for
   float* delta = nullptr;  // [batch, heads, q_len] scratch of the backward pass
-  // [batch, heads, q_len] scratch of the tensor-core backward pass: lse in log2 units with
-  // rows that attended nothing at +inf (Lse2), written with delta for the dk/dv kernel, whose
-  // lanes would otherwise convert each of their queries' lse at every step.
+  // [batch, heads, q_len] scratch of the tensor-core backward pass (nullptr for the scalar
+  // kernels): lse in log2 units with rows that attended nothing at +inf (Lse2), written with
+  // delta for the dk/dv kernel, whose lanes would otherwise convert each of their queries' lse
+  // at every step.
   float* lse2 = nullptr;
   // batch * heads * q_len * head_dim float32 scratch of the backward pass, or nullptr. When set
   // (tensor-core kernels only), the dk/dv kernel adds its dS K products into it, by vector

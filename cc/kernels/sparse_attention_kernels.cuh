@@ -1154,8 +1154,7 @@ __device__ __forceinline__ void TransposedProbabilities(
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
         const int col = n * 8 + 2 * t4 + (x & 1);
-        float shift = -cLse2[col];
-        if constexpr (biased) shift = bias2[x >> 1] - cLse2[col];
+        const float shift = biased ? bias2[x >> 1] - cLse2[col] : -cLse2[col];
         float v = fmaf(s[n][x], sl, shift);
         if constexpr (masked) {
           const int c = n >> 1;

@@ -236,14 +236,15 @@ struct SparseAttentionRunner<GPUDevice> {
     WorkCache::Lists q, k;
     TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, gpu::ListKind::kDq, &q));
     TF_RETURN_IF_ERROR(WorkCache::Get()->Lookup(ctx, p, gpu::ListKind::kKey, &k));
-    // delta, then lse2 (TileWork::lse2).
-    const int64_t rows_bhq = int64_t{p.batch} * p.heads * p.q_len;
-    Tensor delta;
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(
-        ::tensorflow::DT_FLOAT, ::tensorflow::TensorShape({std::max<int64_t>(1, 2 * rows_bhq)}),
-        &delta));
     const size_t qrows = size_t(p.batch) * p.q_len * p.heads;
     const size_t krows = size_t(p.batch) * p.kv_len * p.heads;
+    // delta, then for the tensor-core kernels lse2 (TileWork::lse2).
+    const bool with_lse2 = gpu::HasMma(p);
+    Tensor delta;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(
+        ::tensorflow::DT_FLOAT,
+        ::tensorflow::TensorShape({std::max<int64_t>(1, int64_t(qrows) * (with_lse2 ? 2 : 1))}),
+        &delta));
     TF_RETURN_IF_ERROR(MaybePoison(ctx, {{p.dq, qrows * p.head_dim * ElementBytes(p)},
                                          {p.dk, krows * p.head_dim * ElementBytes(p)},
                                          {p.dv, krows * p.value_dim * ElementBytes(p)}}));
@@ -257,7 +258,7 @@ struct SparseAttentionRunner<GPUDevice> {
     if (k.halves_at >= 0) w.k_halves = kb + k.halves_at;
     w.key_tile = k.tile_rows;
     w.delta = delta.flat<float>().data();
-    w.lse2 = w.delta + rows_bhq;
+    if (with_lse2) w.lse2 = w.delta + qrows;
     TF_RETURN_IF_ERROR(UseWgmma(p, &w.wgmma));
     bool atomic = false;
     TF_RETURN_IF_ERROR(UseAtomicDq(p, w.key_tile, w.wgmma, &atomic));
