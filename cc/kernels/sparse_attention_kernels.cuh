@@ -359,8 +359,8 @@ __device__ __forceinline__ void PackA(uint32_t (&a)[4], const float (&lo)[4],
 
 // The first part of a step of the forward's online softmax for a 16-row m-tile: the step's
 // scores s (NT n-tiles of 8 keys: raw products when kRaw, see QueryCta) are masked where
-// kMasked, and scaled and biased unless kRaw; their row maxima are added to mx (this lane's
-// part of them). step_bias: the step's key bias in shared memory, or nullptr.
+// kMasked, and scaled and biased unless kRaw; their row maxima go to mx (this lane's part of
+// them). step_bias: the step's key bias in shared memory, or nullptr.
 template <bool kMasked, bool kRaw, int NT>
 __device__ __forceinline__ void MaskedScoreMaxima(const SparseAttentionParams& p,
                                                   float (&s)[NT][4], float (&mx)[2], float sl,
@@ -368,6 +368,7 @@ __device__ __forceinline__ void MaskedScoreMaxima(const SparseAttentionParams& p
                                                   const int32_t (&info)[NT / 2],
                                                   const int (&sub)[2], const int (&row_i)[2],
                                                   int t4) {
+  static_assert(NT > 0 && (NT & (NT - 1)) == 0, "the maxima's trees halve NT");
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
 #pragma unroll
@@ -383,8 +384,21 @@ __device__ __forceinline__ void MaskedScoreMaxima(const SparseAttentionParams& p
         if (!EntryAllows(p, info[c], sub[x >> 1], row_i[x >> 1], j)) v = -kInf;
       }
       s[n][x] = v;
-      mx[x >> 1] = fmaxf(mx[x >> 1], v);
     }
+  }
+  // The maxima as trees, log2(2 NT) deep: the exponentials wait for them, and a chain of 2 NT
+  // dependent maxima a row was the longest stretch of the step's critical path.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float t[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) t[n] = fmaxf(s[n][2 * r], s[n][2 * r + 1]);
+#pragma unroll
+    for (int half = NT / 2; half > 0; half /= 2) {
+#pragma unroll
+      for (int n = 0; n < half; ++n) t[n] = fmaxf(t[n], t[n + half]);
+    }
+    mx[r] = t[0];
   }
 }
 
@@ -433,7 +447,7 @@ __device__ __forceinline__ void OnlineSoftmaxStep(const SparseAttentionParams& p
                                                   const int32_t (&info)[NT / 2],
                                                   const int (&sub)[2], const int (&row_i)[2],
                                                   int t4) {
-  float mx[2] = {-kInf, -kInf};
+  float mx[2];
   Specialize(partial, raw, [&](auto masked, auto unscaled) {
     MaskedScoreMaxima<decltype(masked)::value, decltype(unscaled)::value>(
         p, s, mx, sl, step_bias, ks, info, sub, row_i, t4);

@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<ROWS>::kThreads,
       // and the common raw unmasked case spent a move per score to join them.
       const float* part_bias = cta.bias != nullptr ? sBias + buf * KN + part * KP : nullptr;
       Specialize(partial, cta.raw, [&](auto masked, auto raw) {
-        float mx[2] = {-kInf, -kInf};
+        float mx[2];
         MaskedScoreMaxima<decltype(masked)::value, decltype(raw)::value>(
             p, s, mx, cta.sl, part_bias, ks, info, sub, row_i, t4);
         RescaleAndExponentiate(s, o, m, l, mx, cta.to_log2);
