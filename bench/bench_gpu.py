@@ -6,8 +6,11 @@ bf16, batch 2, 8 heads, head_dim 64 and 128, T = 4096, 16384, 65536; patterns de
 local (w=128), strided (l=128, in the reordered token order, so the reorder copy is not timed)
 and fixed (l=128, c=32). Times are medians over several input sets rotated between calls (so
 repeated calls do not run out of L2), after warm-up, of batches of graph-mode calls
-(tf.function) with one synchronisation per batch, so that dispatch overlaps the kernels. Useful TFLOP/s counts only the attended pairs: 4*d
-FLOPs per pair forward, 14*d forward+backward.
+(tf.function) with one synchronisation per batch, so that dispatch overlaps the kernels. Up to
+T = 16384, where a call from Python can cost the host as long as the kernels take, the forward
++ backward is also timed as a model runs it: several calls on distinct inputs in one graph
+function, per call. Useful TFLOP/s counts only the attended pairs: 4*d FLOPs per pair forward,
+14*d forward+backward.
 
 When torch imports, a subprocess (TensorFlow and PyTorch do not share one process here, each
 wanting the GPU memory) times FlexAttention on the same token mask, and SDPA's flash and cuDNN
@@ -30,6 +33,10 @@ BATCH, HEADS = 2, 8
 STRIDE, SUMMARY, WINDOW = 128, 32, 128
 # Block sizes: fixed needs <= 32 to be exact at c = 32; strided needs (T / l) % bs == 0.
 BLOCK = {"dense": 64, "local": 64, "strided": 32, "fixed": 32}
+# Where one graph call from Python costs about as much host time as the kernels take, the
+# forward + backward is also timed IN_GRAPH_CALLS times over distinct inputs in one graph, as a
+# model's layers run it.
+IN_GRAPH_CALLS, IN_GRAPH_MAX_LENGTH = 8, 16384
 
 
 def configs(quick):
@@ -87,7 +94,9 @@ def median_ms(fn, sync, batches=5, batch_s=0.2):
 def op_calls(lib, pattern, length, dim):
     """The op's forward and forward + backward as graph functions (tf.function) of (q, k, v)
     and (q, k, v, d_out), bf16 [BATCH, length, HEADS, dim], for the benchmark's layout of
-    `pattern`; call under tf.device("/GPU:0")."""
+    `pattern`, and the forward + backward of each of a list of such (q, k, v, d_out) in one
+    graph function, as layers of a model run (returning their (dq, dk, dv)); call under
+    tf.device("/GPU:0")."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     layout = build_layout(pattern, length)
     attrs = dict(block_size=layout.block_size, scale=dim ** -0.5, causal=True,
@@ -102,17 +111,24 @@ def op_calls(lib, pattern, length, dim):
                                               layout.csc_flags))
     d_lse = tf.zeros([BATCH, HEADS, length], tf.float32)
 
+    def attend_and_grad(q, k, v, d_out):
+        out, lse = lib.block_sparse_attention(q, k, v, bias, ro, ci, bf, **attrs)
+        return lib.block_sparse_attention_grad(q, k, v, bias, ro, ci, bf, out, lse, d_out,
+                                               d_lse, co, ri, cf, **attrs)
+
     @tf.function
     def fwd(q, k, v):
         return lib.block_sparse_attention(q, k, v, bias, ro, ci, bf, **attrs)[0]
 
     @tf.function
     def fwd_bwd(q, k, v, d_out):
-        out, lse = lib.block_sparse_attention(q, k, v, bias, ro, ci, bf, **attrs)
-        return lib.block_sparse_attention_grad(q, k, v, bias, ro, ci, bf, out, lse, d_out,
-                                               d_lse, co, ri, cf, **attrs)
+        return attend_and_grad(q, k, v, d_out)
 
-    return fwd, fwd_bwd
+    @tf.function
+    def fwd_bwd_in_graph(sets):
+        return [attend_and_grad(*inputs) for inputs in sets]
+
+    return fwd, fwd_bwd, fwd_bwd_in_graph
 
 
 def random_inputs(length, dim, sets):
@@ -139,7 +155,7 @@ def bench_ours(quick):
                 tf.config.experimental.reset_memory_stats("GPU:0")
                 sets = 2 if length >= 65536 else 3
                 inputs = random_inputs(length, dim, sets)
-                fwd, fwd_bwd = op_calls(lib, pattern, length, dim)
+                fwd, fwd_bwd, fwd_bwd_in_graph = op_calls(lib, pattern, length, dim)
                 state = {"i": 0, "last": None}
 
                 def call(fn, n_args):
@@ -158,6 +174,20 @@ def bench_ours(quick):
                 row["fwdbwd_ms"] = median_ms(call(fwd_bwd, 4), sync)
                 row["peak_gib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30
                 del inputs
+                if length <= IN_GRAPH_MAX_LENGTH:
+                    in_graph = random_inputs(length, dim, IN_GRAPH_CALLS)
+
+                    def run_in_graph():
+                        state["last"] = fwd_bwd_in_graph(in_graph)
+
+                    def sync_in_graph():
+                        state["last"][-1][0][0, 0, 0, 0].numpy()
+
+                    row["fwdbwd_in_graph_ms"] = (median_ms(run_in_graph, sync_in_graph) /
+                                                 IN_GRAPH_CALLS)
+                    del in_graph
+                # The last outputs go too, so that the next configuration's peak is its own.
+                state["last"] = None
         except Exception as error:  # pylint: disable=broad-except
             row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
         rows.append(row)
@@ -248,20 +278,22 @@ def tflops(pairs, dim, ms, per_pair):
 
 def table(ours, theirs):
     lines = ["| head_dim | T | pattern | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | "
-             "fwd+bwd TFLOP/s | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"fwd+bwd TFLOP/s | peak GiB | fwd+bwd ms, {IN_GRAPH_CALLS} in one graph |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     pairs = {(r["dim"], r["T"], r["pattern"]): r["pairs"] for r in ours}
     for r in ours + theirs:
         key = (r["dim"], r["T"], r["pattern"])
         impl = r.get("impl", f"ours (block {r.get('block')})")
         if "error" in r:
-            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {impl} | {r['error']} |||||")
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {impl} | {r['error']} ||||||")
             continue
         p = pairs[key]
+        in_graph = r.get("fwdbwd_in_graph_ms")
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {impl} | {r['fwd_ms']:.3f} | "
             f"{tflops(p, key[0], r['fwd_ms'], 4):.0f} | {r['fwdbwd_ms']:.3f} | "
-            f"{tflops(p, key[0], r['fwdbwd_ms'], 14):.0f} | {r['peak_gib']:.2f} |")
+            f"{tflops(p, key[0], r['fwdbwd_ms'], 14):.0f} | {r['peak_gib']:.2f} | "
+            f"{'' if in_graph is None else f'{in_graph:.3f}'} |")
     return "\n".join(lines)
 
 
@@ -304,7 +336,8 @@ def main():
             print(f"torch comparison failed or unavailable (rc {proc.returncode})")
     body = (f"bf16, batch {BATCH}, {HEADS} heads; medians of graph-mode calls; useful TFLOP/s "
             "(4*d FLOPs per attended pair fwd, 14*d fwd+bwd); strided timed in its reordered "
-            "token order.\n\n" + table(ours, theirs))
+            f"token order; the last column: per call, {IN_GRAPH_CALLS} calls on distinct inputs "
+            "in one graph function.\n\n" + table(ours, theirs))
     if args.write:
         print(results.write_section("GPU kernels", device_name(), body))
     else:

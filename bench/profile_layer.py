@@ -111,7 +111,7 @@ def op_step(args):
     import bench_gpu  # pylint: disable=import-outside-toplevel
     from tf_sparse_attn._load import load_op_library  # pylint: disable=import-outside-toplevel
 
-    _, fwd_bwd = bench_gpu.op_calls(load_op_library(), args.op, args.length, args.head_dim)
+    _, fwd_bwd, _ = bench_gpu.op_calls(load_op_library(), args.op, args.length, args.head_dim)
     inputs = bench_gpu.random_inputs(args.length, args.head_dim, 3)
     calls = itertools.count()
     return (lambda: fwd_bwd(*inputs[next(calls) % len(inputs)])[0],

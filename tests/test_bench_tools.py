@@ -77,7 +77,7 @@ def test_op_calls_compute_the_benchmarked_attention_and_gradients():
 
     bench_gpu = dump_layouts.bench_gpu
     length, dim = 256, 32
-    fwd, fwd_bwd = bench_gpu.op_calls(load_op_library(), "fixed", length, dim)
+    fwd, fwd_bwd, fwd_bwd_in_graph = bench_gpu.op_calls(load_op_library(), "fixed", length, dim)
     q, k, v, d_out = bench_gpu.random_inputs(length, dim, 1)[0]
     mask = bench_gpu.build_layout("fixed", length).to_mask(causal=True)
     out, _, grads = attention_reference(q.numpy(), k.numpy(), v.numpy(), mask, dim ** -0.5,
@@ -87,3 +87,10 @@ def test_op_calls_compute_the_benchmarked_attention_and_gradients():
     for name, got, want in zip(("dq", "dk", "dv"), fwd_bwd(q, k, v, d_out), grads):
         err = relative_error(got.numpy(), want)
         assert err < 4 * tol, f"{name}: relative error {err:.2e} vs float64"
+    # The in-graph calls each answer for their own inputs: the second set is the first's
+    # inputs reversed, not a copy the graph could share.
+    sets = [(q, k, v, d_out), (d_out, v, k, q)]
+    for inputs, grads_in_graph in zip(sets, fwd_bwd_in_graph(sets)):
+        want = fwd_bwd(*inputs)
+        for got, expected in zip(grads_in_graph, want):
+            np.testing.assert_array_equal(got.numpy(), expected.numpy())
