@@ -72,7 +72,6 @@ def test_tables_name_the_commit_and_mark_a_modified_tree(tmp_path, monkeypatch):
 
 
 def test_op_calls_compute_the_benchmarked_attention_and_gradients():
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     from tf_sparse_attn._load import load_op_library  # pylint: disable=import-outside-toplevel
 
     bench_gpu = dump_layouts.bench_gpu
