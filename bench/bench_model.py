@@ -46,6 +46,14 @@ GPU_CASES = [
 CASE_SECONDS = {"enwik8 MultiHeadAttention": 420}
 
 
+def selected_cases(only=None):
+    """The GPU cases that --only selects: each entry picks the case of that name, or where no
+    case has it, every case whose name contains it ("enwik8 fixed" is one case, "fixed" two)."""
+    names = {case[0] for case in GPU_CASES}
+    return [case for case in GPU_CASES if not only or any(
+        entry == case[0] or (entry not in names and entry in case[0]) for entry in only)]
+
+
 def _import_models():
     import importlib.util  # pylint: disable=import-outside-toplevel
     if importlib.util.find_spec("tf_sparse_attn") is None:  # run from a source checkout
@@ -247,8 +255,8 @@ def main(argv=None):
     parser.add_argument("--time-limit", type=int, help="seconds per case")
     parser.add_argument("--budget", type=int, help="seconds for all cases together; the table "
                         "is rewritten after every case, so a run cut short keeps its rows")
-    parser.add_argument("--only", action="append", help="run only cases whose name contains "
-                        "this (repeatable)")
+    parser.add_argument("--only", action="append", help="run only the case of this name, or "
+                        "where no case has it, the cases whose name contains it (repeatable)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -261,9 +269,7 @@ def main(argv=None):
         args.budget = args.budget or (420 if args.quick else 540)
         deadline = time.perf_counter() + args.budget
         results, device_name = [], gpu_name()
-        for name, config_name, overrides, batch in GPU_CASES:
-            if args.only and not any(o in name for o in args.only):
-                continue
+        for name, config_name, overrides, batch in selected_cases(args.only):
             left = deadline - time.perf_counter()
             if left < 30:
                 result = {"name": name, "status": "skipped (time budget)"}

@@ -15,7 +15,10 @@ recomputation sees the same masks. `ModelConfig.recompute=False` keeps activatio
 In training on a GPU (`ModelConfig.xla_blocks`), a block's LayerNorms, attention projections,
 feed-forward, dropouts and residual additions run as two XLA programs compiled once for all
 layers, before and after the attention op, which XLA cannot compile. TensorFlow's own kernels
-for them launch dozens of memory-bound kernels per block. (XLA's stateless random numbers differ
+for them launch dozens of memory-bound kernels per block. A recomputed block's backward pass
+recomputes each program's forward inside the program that differentiates it, so that the
+intermediates of the forward (LayerNorm statistics, the feed-forward's hidden activations,
+dropout masks) need not be written to memory and read back. (XLA's stateless random numbers differ
 from TensorFlow's kernels', so the dropout masks differ between the two paths.)
 
 Tokens are the targets: the model shifts them right behind a start token (id = vocab_size), so
@@ -168,9 +171,47 @@ def _feed_forward_residual(x, h, output_projection, gamma, beta, w_in, b_in, w_o
     return x + f
 
 
+# The backward pass of a recomputed block recomputes each program's forward inside the program
+# that differentiates it: XLA then keeps the intermediates (LayerNorm statistics, the GELU's
+# input, dropout masks) in registers or recomputes them, where a forward program called under a
+# tape writes every intermediate the backward reads to memory.
+
+def _attention_inputs_after(x, gamma, beta, projections, dtype, after):
+    """_attention_inputs that waits for `after`, the block's output gradient: without that
+    data dependency the recomputations of all blocks could run as soon as the forward pass
+    ends, and all their outputs be alive at once."""
+    x = x + keras.ops.cast(keras.ops.reshape(after, [-1])[0] * 0, x.dtype)
+    return _attention_inputs(x, gamma, beta, projections, dtype)
+
+
+def _attention_inputs_grad(x, gamma, beta, projections, dtype, dq, dk, dv, dx_rest):
+    """(dx + dx_rest, dgamma, dbeta, the projections' (dkernel, dbias) pairs) for the
+    gradients dq, dk, dv of _attention_inputs' outputs."""
+    with tf.GradientTape() as tape:
+        tape.watch([x, gamma, beta, projections])
+        q, k, v = _attention_inputs(x, gamma, beta, projections, dtype)
+    dx, dgamma, dbeta, dprojections = tape.gradient(
+        [q, k, v], [x, gamma, beta, projections], output_gradients=[dq, dk, dv])
+    return dx + dx_rest, dgamma, dbeta, dprojections
+
+
+def _feed_forward_residual_grad(x, h, output_projection, gamma, beta, w_in, b_in, w_out, b_out,
+                                seeds, rate, dy):
+    """The gradients of _feed_forward_residual's output dy with respect to its tensor
+    arguments but the seeds, in their order (output_projection's as a pair)."""
+    sources = [x, h, output_projection, gamma, beta, w_in, b_in, w_out, b_out]
+    with tf.GradientTape() as tape:
+        tape.watch(sources)
+        y = _feed_forward_residual(*sources, seeds, rate)
+    return tape.gradient(y, sources, output_gradients=dy)
+
+
 _layer_norm_xla = tf.function(_layer_norm, jit_compile=True)
 _attention_inputs_xla = tf.function(_attention_inputs, jit_compile=True)
 _feed_forward_residual_xla = tf.function(_feed_forward_residual, jit_compile=True)
+_attention_inputs_after_xla = tf.function(_attention_inputs_after, jit_compile=True)
+_attention_inputs_grad_xla = tf.function(_attention_inputs_grad, jit_compile=True)
+_feed_forward_residual_grad_xla = tf.function(_feed_forward_residual_grad, jit_compile=True)
 
 
 def xla_enabled(setting) -> bool:
@@ -189,6 +230,9 @@ class TransformerBlock(keras.layers.Layer):
     block's own seed, advanced once per training call, when None)."""
 
     def __init__(self, config: ModelConfig, kind: str, **kwargs):
+        # The block reads its sublayers' float32 weights for the XLA programs, which cast them
+        # there; the sublayers still cast theirs under mixed precision, and call() its input.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.config = config
         self.kind = kind
@@ -241,34 +285,89 @@ class TransformerBlock(keras.layers.Layer):
             h = _dropout(h, self.rate, seed[1])
         return x + h
 
+    def _fused_weights(self):
+        """The block's weights as the XLA programs take them, when its attention is a library
+        layer whose projections join them (else None): ((gamma, beta, three (kernel, bias)
+        pairs) before the op, ((kernel, bias) of the output projection, gamma, beta, w_in,
+        b_in, w_out, b_out) after it)."""
+        attention = self.attention
+        if not (isinstance(attention, SparseMultiHeadAttention) and attention.use_bias and
+                attention.dropout == 0):
+            return None
+        norm, ffn_norm = self.attention_norm, self.ffn_norm
+
+        def weights(layer):
+            return layer.kernel.value, layer.bias.value
+
+        before = (norm.gamma.value, norm.beta.value,
+                  [weights(p) for p in (attention.query_dense, attention.key_dense,
+                                        attention.value_dense)])
+        after = (weights(attention.output_dense), ffn_norm.gamma.value, ffn_norm.beta.value,
+                 *weights(self.ffn_in), *weights(self.ffn_out))
+        return before, after
+
+    def _attend(self, q, k, v):
+        # pylint: disable-next=protected-access
+        return self.attention._attend(q, k, v, None, self.attention.causal)
+
     def _residual_xla(self, x, seed):
         """_residual in training, with everything but attention itself in XLA programs shared
         by all blocks: for the library's layers, their projections too (only the op runs
         outside); for MultiHeadAttention, the layer as a whole."""
         dtype = self.attention_norm.compute_dtype
-        norm, ffn_norm, attention = self.attention_norm, self.ffn_norm, self.attention
-
-        def weights(layer):
-            return layer.kernel.value, layer.bias.value
-
-        if isinstance(attention, SparseMultiHeadAttention) and attention.use_bias and \
-                attention.dropout == 0:
-            q, k, v = _attention_inputs_xla(
-                x, norm.gamma.value, norm.beta.value,
-                [weights(p) for p in (attention.query_dense, attention.key_dense,
-                                      attention.value_dense)], dtype)
-            # pylint: disable-next=protected-access
-            h = attention._attend(q, k, v, None, attention.causal)
-            output_projection = weights(attention.output_dense)
-        else:
-            h = attention(_layer_norm_xla(x, norm.gamma.value, norm.beta.value, dtype),
-                          training=True)
-            output_projection = None
+        fused = self._fused_weights()
+        if fused is not None:
+            (gamma, beta, projections), after = fused
+            h = self._attend(*_attention_inputs_xla(x, gamma, beta, projections, dtype))
+            return _feed_forward_residual_xla(x, h, *after, seed, self.rate)
+        norm, ffn_norm = self.attention_norm, self.ffn_norm
+        h = self.attention(_layer_norm_xla(x, norm.gamma.value, norm.beta.value, dtype),
+                           training=True)
         return _feed_forward_residual_xla(
-            x, h, output_projection, ffn_norm.gamma.value, ffn_norm.beta.value,
-            *weights(self.ffn_in), *weights(self.ffn_out), seed, self.rate)
+            x, h, None, ffn_norm.gamma.value, ffn_norm.beta.value,
+            self.ffn_in.kernel.value, self.ffn_in.bias.value, self.ffn_out.kernel.value,
+            self.ffn_out.bias.value, seed, self.rate)
+
+    def _recomputed_residual_xla(self, x, seed, fused):
+        """_residual_xla recomputed in the backward pass, as tf.recompute_grad does, but with
+        each XLA program's forward recomputed inside the program that differentiates it. Only x
+        and the weights stay alive for the backward pass; it recomputes q, k, v and the
+        attention, then runs the feed-forward's backward, the op's, and that of the LayerNorm
+        and projections before the op."""
+        dtype = self.attention_norm.compute_dtype
+
+        def unpack(flat_weights):
+            (gamma, beta, projections), after = tf.nest.pack_sequence_as(fused, flat_weights)
+            return gamma, beta, projections, after
+
+        @tf.custom_gradient
+        def block(x, *weights):
+            gamma, beta, projections, after = unpack(weights)
+            # Called on stopped gradients, the programs are their inference versions, which
+            # return nothing for a tape to keep.
+            x_, *weights_ = [tf.stop_gradient(t) for t in (x, *weights)]
+            gamma_, beta_, projections_, after_ = unpack(weights_)
+            h = self._attend(*_attention_inputs_xla(x_, gamma_, beta_, projections_, dtype))
+            y = _feed_forward_residual_xla(x_, h, *after_, seed, self.rate)
+
+            def grad(dy):
+                q, k, v = _attention_inputs_after_xla(x, gamma, beta, projections, dtype, dy)
+                with tf.GradientTape() as tape:
+                    tape.watch([q, k, v])
+                    h = self._attend(q, k, v)
+                dx, dh, *d_after = _feed_forward_residual_grad_xla(x, h, *after, seed,
+                                                                   self.rate, dy)
+                dq, dk, dv = tape.gradient(h, [q, k, v], output_gradients=dh)
+                dx, *d_before = _attention_inputs_grad_xla(x, gamma, beta, projections, dtype,
+                                                           dq, dk, dv, dx)
+                return [dx, *tf.nest.flatten((d_before, d_after))]
+
+            return y, grad
+
+        return block(x, *[tf.convert_to_tensor(w) for w in tf.nest.flatten(fused)])
 
     def call(self, x, training=None, seed=None):
+        x = keras.ops.cast(x, self.compute_dtype)
         if training and self.rate > 0:
             if seed is None:
                 seed = self.dropout_seed.assign_add(tf.constant([0, 1], tf.int64))
@@ -276,6 +375,9 @@ class TransformerBlock(keras.layers.Layer):
         else:
             seed = None
         if training and self.config.recompute:
+            fused = self._fused_weights() if xla_enabled(self.config.xla_blocks) else None
+            if fused is not None:
+                return self._recomputed_residual_xla(x, seed, fused)
             return tf.recompute_grad(lambda h: self._residual(h, True, seed))(x)
         return self._residual(x, training, seed)
 

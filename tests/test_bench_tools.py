@@ -1,6 +1,6 @@
 """The benchmark tools' own logic: the profile summary's interval union and kernel names, the
-layout files the kernel timing tool reads, the commit that stamps the tables, and the op calls
-that the GPU benchmark times."""
+layout files the kernel timing tool reads, the commit that stamps the tables, the op calls
+that the GPU benchmark times, and the model benchmark's choice of cases."""
 
 import os
 import subprocess
@@ -15,6 +15,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.join(BENCH, "kernel_timing"))
 
+import bench_model  # noqa: E402  pylint: disable=wrong-import-position
 import dump_layouts  # noqa: E402  pylint: disable=wrong-import-position
 import profile_layer  # noqa: E402  pylint: disable=wrong-import-position
 import results  # noqa: E402  pylint: disable=wrong-import-position
@@ -29,6 +30,18 @@ def test_union_length_counts_overlaps_once():
         covered[lo:hi] = True
     assert profile_layer.union_length(intervals) == covered.sum()
     assert profile_layer.union_length([]) == 0
+
+
+def test_model_cases_by_name_or_part_of_one():
+    def names(only):
+        return [case[0] for case in bench_model.selected_cases(only)]
+
+    assert names(None) == [case[0] for case in bench_model.GPU_CASES]
+    # A whole name is that case alone, though "enwik8 fixed, no recompute" contains it.
+    assert names(["enwik8 fixed"]) == ["enwik8 fixed"]
+    assert names(["enwik8 strided", "audio"]) == ["enwik8 strided", "audio 1M strided"]
+    assert names(["fixed"]) == ["enwik8 fixed", "enwik8 fixed, no recompute"]
+    assert names(["nothing of that name"]) == []
 
 
 def test_short_name_drops_namespaces_and_arguments():

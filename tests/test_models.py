@@ -189,12 +189,15 @@ def test_xla_blocks_equal_keras_layers(attention):
     randomize_head(model)
     tokens = np.random.default_rng(3).integers(0, 256, [2, 128])
     programs = (model_lib._feed_forward_residual_xla, model_lib._attention_inputs_xla,
-                model_lib._layer_norm_xla)
+                model_lib._layer_norm_xla, model_lib._attention_inputs_after_xla,
+                model_lib._feed_forward_residual_grad_xla, model_lib._attention_inputs_grad_xla)
     traces = [p.experimental_get_tracing_count() for p in programs]
     loss_x, grads_x = _block_gradients(model, tokens)
-    # The library's layers have their projections compiled with the LayerNorm before them;
-    # keras.layers.MultiHeadAttention runs whole, after a compiled LayerNorm.
-    expected = [1, 0, 1] if attention == "mha" else [1, 1, 0]
+    # The library's layers have their projections compiled with the LayerNorm before them,
+    # and their backward passes recompute inside the programs that differentiate;
+    # keras.layers.MultiHeadAttention runs whole, after a compiled LayerNorm, and recomputes
+    # through tf.recompute_grad.
+    expected = [1, 0, 1, 0, 0, 0] if attention == "mha" else [1, 1, 0, 1, 1, 1]
     assert [p.experimental_get_tracing_count() - t for p, t in zip(programs, traces)] == expected
     for block in model.blocks:
         block.config = dataclasses.replace(block.config, xla_blocks=False)
