@@ -388,7 +388,8 @@ def status(field):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
-_, step = traced_step({layers}, {recompute}, seq_len=2048, d_model=128, batch=4)
+_, step = traced_step({layers}, {recompute}, seq_len=2048, d_model=128, batch=4,
+                     xla_blocks={xla_blocks!r})
 # Measure the first run: a second one would reuse the pages that the allocator kept from the
 # first and show no growth at all.
 with open("/proc/self/clear_refs", "w") as f:
@@ -399,8 +400,10 @@ print(json.dumps(status("VmHWM") - before))
 """
 
 
-def test_recompute_keeps_activation_memory_flat_in_depth_on_cpu():
-    """The CPU twin of the GPU test: peak RSS of one training step, each in its own process."""
+@pytest.mark.parametrize("xla_blocks", [False, True])
+def test_recompute_keeps_activation_memory_flat_in_depth_on_cpu(xla_blocks):
+    """The CPU twin of the GPU test: peak RSS of one training step, each in its own process;
+    also through the XLA programs, whose recomputing backward pass has its own gradient."""
     import json
     import os
     import subprocess
@@ -409,7 +412,8 @@ def test_recompute_keeps_activation_memory_flat_in_depth_on_cpu():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def peak(layers, recompute):
-        script = _PEAK_RSS_SCRIPT.format(root=root, layers=layers, recompute=recompute)
+        script = _PEAK_RSS_SCRIPT.format(root=root, layers=layers, recompute=recompute,
+                                         xla_blocks=xla_blocks)
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                                        CUDA_VISIBLE_DEVICES=""), timeout=300)
