@@ -173,8 +173,8 @@ def _feed_forward_residual(x, h, output_projection, gamma, beta, w_in, b_in, w_o
 
 # The backward pass of a recomputed block recomputes each program's forward inside the program
 # that differentiates it: XLA then keeps the intermediates (LayerNorm statistics, the GELU's
-# input, dropout masks) in registers or recomputes them, where a forward program called under a
-# tape writes every intermediate the backward reads to memory.
+# input, dropout masks) on chip or recomputes them, where a forward program called under a tape
+# writes every intermediate the backward reads to memory.
 
 def _attention_inputs_after(x, gamma, beta, projections, dtype, after):
     """_attention_inputs that waits for `after`, the block's output gradient: without that
@@ -197,8 +197,8 @@ def _attention_inputs_grad(x, gamma, beta, projections, dtype, dq, dk, dv, dx_re
 
 def _feed_forward_residual_grad(x, h, output_projection, gamma, beta, w_in, b_in, w_out, b_out,
                                 seeds, rate, dy):
-    """The gradients of _feed_forward_residual's output dy with respect to its tensor
-    arguments but the seeds, in their order (output_projection's as a pair)."""
+    """The gradients of _feed_forward_residual, given dy for its output, with respect to its
+    tensor arguments but the seeds, in their order (output_projection's as a pair)."""
     sources = [x, h, output_projection, gamma, beta, w_in, b_in, w_out, b_out]
     with tf.GradientTape() as tape:
         tape.watch(sources)

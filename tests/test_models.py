@@ -156,9 +156,14 @@ def test_recomputed_gradients_equal_plain(attention, xla_blocks):
     loss_p, grads_p = gradients(False)
     assert float(loss_r) == pytest.approx(float(loss_p), rel=1e-6)
     assert all(g is not None for g in grads_r)
+    grads_r, grads_p = ([tf.convert_to_tensor(g).numpy() for g in grads]
+                        for grads in (grads_r, grads_p))
+    # tf.recompute_grad reruns the same kernels. The XLA programs' recomputing backward passes
+    # are other compilations, whose float32 sums round differently: there, gradients are
+    # compared at the scale of the largest (the keys' bias gradients are zero up to rounding).
+    atol = 1e-6 * max(np.abs(g).max() for g in grads_p) if xla_blocks else 1e-7
     for weight, a, b in zip(model.trainable_weights, grads_r, grads_p):
-        np.testing.assert_allclose(tf.convert_to_tensor(a), tf.convert_to_tensor(b),
-                                   rtol=1e-5, atol=1e-7, err_msg=weight.path)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=weight.path)
     # Dropout is live: another seed gives another loss.
     for block in model.blocks:
         block.config = dataclasses.replace(block.config, recompute=True)
@@ -403,7 +408,7 @@ print(json.dumps(status("VmHWM") - before))
 @pytest.mark.parametrize("xla_blocks", [False, True])
 def test_recompute_keeps_activation_memory_flat_in_depth_on_cpu(xla_blocks):
     """The CPU twin of the GPU test: peak RSS of one training step, each in its own process;
-    also through the XLA programs, whose recomputing backward pass has its own gradient."""
+    also through the XLA programs, where the block's custom gradient does the recomputing."""
     import json
     import os
     import subprocess
