@@ -285,6 +285,13 @@ class TransformerBlock(keras.layers.Layer):
             h = _dropout(h, self.rate, seed[1])
         return x + h
 
+    def _feed_forward_weights(self):
+        """(gamma, beta, w_in, b_in, w_out, b_out): the weights after the attention that
+        _feed_forward_residual takes besides its output projection."""
+        ffn_norm, ffn_in, ffn_out = self.ffn_norm, self.ffn_in, self.ffn_out
+        return (ffn_norm.gamma.value, ffn_norm.beta.value, ffn_in.kernel.value,
+                ffn_in.bias.value, ffn_out.kernel.value, ffn_out.bias.value)
+
     def _fused_weights(self):
         """The block's weights as the XLA programs take them, when its attention is a library
         layer whose projections join them (else None): ((gamma, beta, three (kernel, bias)
@@ -294,7 +301,7 @@ class TransformerBlock(keras.layers.Layer):
         if not (isinstance(attention, SparseMultiHeadAttention) and attention.use_bias and
                 attention.dropout == 0):
             return None
-        norm, ffn_norm = self.attention_norm, self.ffn_norm
+        norm = self.attention_norm
 
         def weights(layer):
             return layer.kernel.value, layer.bias.value
@@ -302,31 +309,31 @@ class TransformerBlock(keras.layers.Layer):
         before = (norm.gamma.value, norm.beta.value,
                   [weights(p) for p in (attention.query_dense, attention.key_dense,
                                         attention.value_dense)])
-        after = (weights(attention.output_dense), ffn_norm.gamma.value, ffn_norm.beta.value,
-                 *weights(self.ffn_in), *weights(self.ffn_out))
-        return before, after
+        return before, (weights(attention.output_dense), *self._feed_forward_weights())
 
     def _attend(self, q, k, v):
         # pylint: disable-next=protected-access
         return self.attention._attend(q, k, v, None, self.attention.causal)
 
+    def _fused_forward(self, x, fused, seed):
+        """The block through the XLA programs and the op, with weights as _fused_weights."""
+        (gamma, beta, projections), after = fused
+        dtype = self.attention_norm.compute_dtype
+        h = self._attend(*_attention_inputs_xla(x, gamma, beta, projections, dtype))
+        return _feed_forward_residual_xla(x, h, *after, seed, self.rate)
+
     def _residual_xla(self, x, seed):
         """_residual in training, with everything but attention itself in XLA programs shared
         by all blocks: for the library's layers, their projections too (only the op runs
         outside); for MultiHeadAttention, the layer as a whole."""
-        dtype = self.attention_norm.compute_dtype
         fused = self._fused_weights()
         if fused is not None:
-            (gamma, beta, projections), after = fused
-            h = self._attend(*_attention_inputs_xla(x, gamma, beta, projections, dtype))
-            return _feed_forward_residual_xla(x, h, *after, seed, self.rate)
-        norm, ffn_norm = self.attention_norm, self.ffn_norm
-        h = self.attention(_layer_norm_xla(x, norm.gamma.value, norm.beta.value, dtype),
-                           training=True)
-        return _feed_forward_residual_xla(
-            x, h, None, ffn_norm.gamma.value, ffn_norm.beta.value,
-            self.ffn_in.kernel.value, self.ffn_in.bias.value, self.ffn_out.kernel.value,
-            self.ffn_out.bias.value, seed, self.rate)
+            return self._fused_forward(x, fused, seed)
+        norm = self.attention_norm
+        h = self.attention(_layer_norm_xla(x, norm.gamma.value, norm.beta.value,
+                                           norm.compute_dtype), training=True)
+        return _feed_forward_residual_xla(x, h, None, *self._feed_forward_weights(), seed,
+                                          self.rate)
 
     def _recomputed_residual_xla(self, x, seed, fused):
         """_residual_xla recomputed in the backward pass, as tf.recompute_grad does, but with
@@ -336,19 +343,13 @@ class TransformerBlock(keras.layers.Layer):
         and projections before the op."""
         dtype = self.attention_norm.compute_dtype
 
-        def unpack(flat_weights):
-            (gamma, beta, projections), after = tf.nest.pack_sequence_as(fused, flat_weights)
-            return gamma, beta, projections, after
-
         @tf.custom_gradient
         def block(x, *weights):
-            gamma, beta, projections, after = unpack(weights)
+            (gamma, beta, projections), after = tf.nest.pack_sequence_as(fused, weights)
             # Called on stopped gradients, the programs are their inference versions, which
             # return nothing for a tape to keep.
-            x_, *weights_ = [tf.stop_gradient(t) for t in (x, *weights)]
-            gamma_, beta_, projections_, after_ = unpack(weights_)
-            h = self._attend(*_attention_inputs_xla(x_, gamma_, beta_, projections_, dtype))
-            y = _feed_forward_residual_xla(x_, h, *after_, seed, self.rate)
+            y = self._fused_forward(*tf.nest.map_structure(
+                tf.stop_gradient, (x, ((gamma, beta, projections), after))), seed)
 
             def grad(dy):
                 q, k, v = _attention_inputs_after_xla(x, gamma, beta, projections, dtype, dy)
